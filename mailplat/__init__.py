@@ -1,0 +1,3 @@
+"""mailplat: a multi-service mail server built on Twisted."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,113 @@
+"""What the server knows about a message besides its bytes, and how that is stored as JSON.
+
+The envelope is the durable record the queue keeps per message: sender, per-recipient state
+(attempts, next attempt, last reply) and the DSN parameters, written as JSON, never pickled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+
+# Recipient states. A message is finished when no recipient is PENDING, DEFERRED or HELD.
+PENDING = "pending"
+DEFERRED = "deferred"
+HELD = "held"
+DELIVERED = "delivered"
+BOUNCED = "bounced"
+UNFINISHED = frozenset({PENDING, DEFERRED, HELD})
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """Who handed us the message: recorded for Received:, logs and policy."""
+
+    peer_host: str = ""
+    peer_port: int = 0
+    helo: str = ""
+    protocol: str = "ESMTP"  # SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA, LMTP ...
+    tls: bool = False
+    auth_user: str | None = None
+    listener: str = ""
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """One recipient and its delivery state; retries are tracked per recipient."""
+
+    address: str
+    orcpt: str | None = None
+    notify: tuple[str, ...] = ()
+    state: str = PENDING
+    attempts: int = 0
+    next_attempt: float | None = None
+    last_reply: str | None = None
+    agent: str | None = None
+    history: tuple[str, ...] = ()
+
+    @property
+    def finished(self) -> bool:
+        return self.state not in UNFINISHED
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The durable envelope of one queued message."""
+
+    queue_id: str
+    sender: str  # "" is the null reverse-path <>
+    recipients: tuple[Recipient, ...]
+    received_at: float
+    size: int = 0
+    body: str | None = None  # "7BIT" / "8BITMIME" / "BINARYMIME"
+    smtputf8: bool = False
+    envid: str | None = None
+    ret: str | None = None  # "FULL" / "HDRS"
+    session: SessionInfo = field(default_factory=SessionInfo)
+    delay_notified: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return all(r.finished for r in self.recipients)
+
+    def with_recipient(self, index: int, **changes: Any) -> "Envelope":
+        """A copy with one recipient's fields changed."""
+        recipients = list(self.recipients)
+        recipients[index] = replace(recipients[index], **changes)
+        return replace(self, recipients=tuple(recipients))
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> "Envelope":
+        raw = json.loads(data)
+        known = {f.name for f in fields(cls)}
+        raw = {k: v for k, v in raw.items() if k in known}
+        raw["recipients"] = tuple(_recipient(r) for r in raw["recipients"])
+        raw["session"] = SessionInfo(**raw.get("session", {}))
+        return cls(**raw)
+
+
+def _recipient(raw: dict[str, Any]) -> Recipient:
+    known = {f.name for f in fields(Recipient)}
+    raw = {k: v for k, v in raw.items() if k in known}
+    raw["notify"] = tuple(raw.get("notify", ()))
+    raw["history"] = tuple(raw.get("history", ()))
+    return Recipient(**raw)
+
+
+@dataclass
+class Transaction:
+    """The mail transaction being built by a session between MAIL and the end of data."""
+
+    sender: str
+    recipients: list[Recipient] = field(default_factory=list)
+    size: int | None = None
+    body: str | None = None
+    smtputf8: bool = False
+    envid: str | None = None
+    ret: str | None = None
+    auth: str | None = None

@@ -1,0 +1,137 @@
+"""The extension points of mailplat.
+
+The protocol engine, the queue and the delivery agents only talk to each other through these
+interfaces, so that each side can be replaced by a plugin (found with ``twisted.plugin`` in the
+``mailplat.plugins`` package) without touching the core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from zope.interface import Attribute, Interface
+
+from mailplat.replies import Reply
+
+
+class Action(Enum):
+    """What a policy hook wants done; the first non-CONTINUE answer ends the chain."""
+
+    CONTINUE = "continue"
+    ACCEPT = "accept"
+    REJECT = "reject"
+    TEMPFAIL = "tempfail"
+    DISCONNECT = "disconnect"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A hook's answer; ``reply`` overrides the default reply for that action."""
+
+    action: Action
+    reply: Reply | None = None
+
+
+CONTINUE = Verdict(Action.CONTINUE)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one recipient goes: which delivery agent, to which destination.
+
+    ``destination`` is agent specific: a Maildir path for ``maildir``, a next-hop domain or host
+    for ``smtp``, an LMTP endpoint for ``lmtp``. ``relay`` marks a recipient outside our local
+    domains, which policy only accepts from authenticated or trusted clients.
+    """
+
+    agent: str
+    destination: str
+    mailbox: str
+    relay: bool = False
+
+
+class IPolicy(Interface):
+    """Decisions at each SMTP stage. Every method returns a Deferred firing with a Verdict."""
+
+    def connect(session):  # type: ignore[no-untyped-def]
+        """A client connected (SessionInfo)."""
+
+    def helo(session, name):  # type: ignore[no-untyped-def]
+        """The client said HELO/EHLO/LHLO ``name``."""
+
+    def mail(session, sender, params):  # type: ignore[no-untyped-def]
+        """MAIL FROM: sender is a Mailbox or None for <>; params is a dict of ESMTP params."""
+
+    def rcpt(session, transaction, recipient, params):  # type: ignore[no-untyped-def]
+        """RCPT TO: recipient is a Mailbox."""
+
+    def data(session, transaction, headers):  # type: ignore[no-untyped-def]
+        """The message's header section (bytes) arrived completely; called before queueing."""
+
+
+class IRouter(Interface):
+    """Resolves a recipient address to a Route, or refuses it with a Reply."""
+
+    def route(recipient):  # type: ignore[no-untyped-def]
+        """Return a Deferred firing with a Route, or with a Reply that refuses the recipient."""
+
+
+class IIncomingMessage(Interface):
+    """A message being received: data is streamed in, never held whole in memory."""
+
+    queue_id = Attribute("The id the message will have in the queue (str).")
+
+    def write(data):  # type: ignore[no-untyped-def]
+        """Append message bytes; raises SpoolError when the spool cannot take them."""
+
+    def finish(transaction):  # type: ignore[no-untyped-def]
+        """End of data. Returns a Deferred firing with a list of Reply: one per recipient
+        for LMTP, a single one for SMTP. The Deferred fires only after the message is durable."""
+
+    def abort():  # type: ignore[no-untyped-def]
+        """The transaction was abandoned; discard what was written."""
+
+
+class IMessageSink(Interface):
+    """Where a session hands finished transactions: the queue, or LMTP's direct delivery."""
+
+    def begin(session, transaction):  # type: ignore[no-untyped-def]
+        """Start a message; returns an IIncomingMessage or raises SpoolError."""
+
+
+class IStoredMessage(Interface):
+    """A queued message as delivery agents see it."""
+
+    envelope = Attribute("The Envelope.")
+
+    def open():  # type: ignore[no-untyped-def]
+        """A binary file object over the stored message bytes (trace header included)."""
+
+
+class IDeliveryAgent(Interface):
+    """Delivers a stored message to some recipients and reports per-recipient outcomes."""
+
+    name = Attribute("The agent's name as used in routes and config, e.g. 'maildir'.")
+
+    def deliver(message, recipients):  # type: ignore[no-untyped-def]
+        """recipients: a list of (Recipient, Route). Returns a Deferred firing with a dict
+        mapping each recipient address to the Reply that describes its outcome
+        (2xx delivered, 4xx retry later, 5xx bounce)."""
+
+
+class IDeliveryAgentFactory(Interface):
+    """A plugin that builds a delivery agent from its config section."""
+
+    name = Attribute("The agent name this factory provides.")
+
+    def makeAgent(config, context):  # type: ignore[no-untyped-def]
+        """Return an IDeliveryAgent for this config (a dict) and context (mailplat.context)."""
+
+
+class SpoolError(Exception):
+    """The spool cannot accept the message now; ``reply`` is 451 4.3.0 or 452 4.3.1."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
