@@ -135,3 +135,11 @@ class SpoolError(Exception):
     def __init__(self, reply: Reply) -> None:
         super().__init__(str(reply))
         self.reply = reply
+
+
+@dataclass(frozen=True)
+class AgentContext:
+    """What every delivery agent may need from the server around it."""
+
+    reactor: object
+    hostname: str
