@@ -1,0 +1,44 @@
+"""The Received: trace header we prepend (RFC 5321 §4.4) and the hop count we check against."""
+
+from __future__ import annotations
+
+from email.utils import formatdate
+
+from mailplat.envelope import SessionInfo
+
+
+def protocol_name(session: SessionInfo, smtputf8: bool) -> str:
+    """The "with" keyword of RFC 3848/6531: ESMTP, ESMTPS, ESMTPSA, UTF8SMTPS, LMTP..."""
+    base = session.protocol
+    if base in ("SMTP", "LMTP"):
+        return base
+    name = "UTF8SMTP" if smtputf8 else "ESMTP"
+    suffix = ("S" if session.tls else "") + ("A" if session.auth_user else "")
+    return name + suffix
+
+
+def received_header(
+    session: SessionInfo,
+    hostname: str,
+    queue_id: str,
+    recipients: list[str],
+    smtputf8: bool,
+    now: float,
+) -> bytes:
+    """One Received: field, folded, CRLF-terminated, naming our queue id for log correlation."""
+    helo = _clean(session.helo) or "unknown"
+    peer = f"[{session.peer_host}]" if session.peer_host else "local"
+    lines = [
+        f"Received: from {helo} ({peer})",
+        f"\tby {hostname} (mailplat) with {protocol_name(session, smtputf8)} id {queue_id}",
+    ]
+    if len(recipients) == 1:
+        lines.append(f"\tfor <{_clean(recipients[0])}>")
+    lines[-1] += ";"
+    lines.append(f"\t{formatdate(now, localtime=False, usegmt=False)}")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+def _clean(text: str) -> str:
+    """Keep client-supplied text from breaking the header's structure."""
+    return "".join(ch for ch in text if ch.isprintable() and ch not in "()<>;\\")[:255]
