@@ -269,6 +269,11 @@ class ESMTPSession(TransactionCommands, Protocol):
     def smtp_EHLO(self, args: str) -> Any:
         return self._greet(args, esmtp=True)
 
+    def smtp_LHLO(self, args: str) -> Any:
+        if not self.settings.lmtp:
+            return R.UNKNOWN_COMMAND
+        return self.greet(args, esmtp=True)
+
     def _greet(self, name: str, esmtp: bool) -> Any:
         if self.settings.lmtp:
             return R.Reply(500, "5.5.1", "This is an LMTP server: use LHLO")

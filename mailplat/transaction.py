@@ -151,12 +151,16 @@ class TransactionCommands(_Base):
         assert transaction is not None
         try:
             incoming = self.sink.begin(self.info, transaction)
+        except SpoolError as e:
+            return e.reply
+        try:
             incoming.write(received_header(
                 self.info, self.settings.hostname, incoming.queue_id,
                 [r.address for r in transaction.recipients], transaction.smtputf8,
                 self.clock.seconds(),
             ))
         except SpoolError as e:
+            incoming.abort()
             return e.reply
         self.reception = Reception(
             incoming, self.settings.max_message_size, self.settings.max_received_headers
