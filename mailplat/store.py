@@ -1,0 +1,196 @@
+"""The queue on disk: message data files and envelopes whose directory is their state.
+
+Layout under the queue root::
+
+    data/<qid>              message bytes, immutable once the envelope exists
+    tmp/                    envelopes being written
+    incoming/ active/ deferred/ hold/   <qid>.json, one directory per state
+
+The appearance of ``<state>/<qid>.json`` is the commit point of a message and a state change is
+one ``rename``. Only envelopes are ever read into memory, never message data, so a queue with
+tens of thousands of deferred messages stays cheap.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import threading
+import time
+from collections.abc import Iterable
+from typing import IO
+
+from twisted.internet.defer import Deferred
+
+from mailplat.envelope import Envelope
+from mailplat.groupsync import GroupSyncer, RunInThread, thread_runner
+
+INCOMING = "incoming"
+ACTIVE = "active"
+DEFERRED = "deferred"
+HOLD = "hold"
+STATES = (INCOMING, ACTIVE, DEFERRED, HOLD)
+
+_SUFFIX = ".json"
+
+
+class _QueueIds:
+    """Uppercase hex of the time in microseconds plus a counter: sortable, unique, file-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = 0
+        self._counter = itertools.count()
+
+    def next(self) -> str:
+        with self._lock:
+            now = max(time.time_ns() // 1000, self._last)
+            if now != self._last:
+                self._last, self._counter = now, itertools.count()
+            return f"{now:014X}{next(self._counter):04X}"
+
+
+_ids = _QueueIds()
+
+
+class QueueStore:
+    """The durable queue directories and the few operations the queue needs on them."""
+
+    def __init__(
+        self,
+        root: str,
+        syncer: GroupSyncer | None = None,
+        runInThread: RunInThread | None = None,
+    ) -> None:
+        self.root = root
+        self._run = runInThread or thread_runner()
+        self.syncer = syncer or GroupSyncer(runInThread=self._run)
+        self.data_dir = os.path.join(root, "data")
+        self.tmp_dir = os.path.join(root, "tmp")
+        for path in (self.data_dir, self.tmp_dir, *map(self.state_dir, STATES)):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+
+    def state_dir(self, state: str) -> str:
+        if state not in STATES:
+            raise ValueError(f"unknown queue state {state!r}")
+        return os.path.join(self.root, state)
+
+    def envelope_path(self, qid: str, state: str) -> str:
+        return os.path.join(self.state_dir(state), qid + _SUFFIX)
+
+    def new_queue_id(self) -> str:
+        return _ids.next()
+
+    def data_path(self, qid: str) -> str:
+        return os.path.join(self.data_dir, qid)
+
+    def open_data_for_write(self, qid: str) -> IO[bytes]:
+        """Create the data file; O_EXCL because a queue id is never reused."""
+        fd = os.open(self.data_path(qid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            return os.fdopen(fd, "wb", buffering=1 << 16)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def write_envelope(
+        self, envelope: Envelope, state: str, sync: bool = True, also_sync: Iterable[str] = ()
+    ) -> "Deferred[None]":
+        """Durably (re)write an envelope into ``state``, replacing one already there.
+
+        The file is written and fsync'd in a thread, renamed into place, and then the state
+        directory (plus ``also_sync``) is fsync'd in a shared round. With ``sync=False`` the
+        caller takes care of the directory sync itself.
+        """
+        d = self._run(self._write_envelope_file, envelope, state)
+        if sync:
+            dirs = [self.state_dir(state), *also_sync]
+            d.addCallback(lambda _: self.syncer.sync_dirs(dirs))
+        return d
+
+    def _write_envelope_file(self, envelope: Envelope, state: str) -> None:
+        """Blocking part of write_envelope: tmp file, fsync, atomic rename."""
+        tmp = os.path.join(self.tmp_dir, f"{envelope.queue_id}.{threading.get_ident()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(envelope.to_json())
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, self.envelope_path(envelope.queue_id, state))
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+
+    def move(self, qid: str, src: str, dst: str) -> None:
+        """Change a message's state with one rename (not synced: a lost rename only means the
+        message is retried from its earlier state, which at-least-once delivery allows)."""
+        os.rename(self.envelope_path(qid, src), self.envelope_path(qid, dst))
+
+    def read_envelope(self, qid: str) -> tuple[str, Envelope]:
+        """The message's current state and envelope; FileNotFoundError when it is gone."""
+        for state in STATES:
+            try:
+                with open(self.envelope_path(qid, state), "rb") as f:
+                    return state, Envelope.from_json(f.read())
+            except FileNotFoundError:
+                continue
+        raise FileNotFoundError(errno.ENOENT, "no such queue id", qid)
+
+    def remove(self, qid: str) -> None:
+        """Forget a message: envelope first, so a crash can only leave orphan data behind,
+        which recovery removes."""
+        for state in STATES:
+            _unlink_quietly(self.envelope_path(qid, state))
+        _unlink_quietly(self.data_path(qid))
+
+    def list_ids(self, state: str) -> list[str]:
+        """Queue ids in ``state``, oldest first."""
+        names = os.listdir(self.state_dir(state))
+        return sorted(n[: -len(_SUFFIX)] for n in names if n.endswith(_SUFFIX))
+
+    def recover(self) -> dict[str, list[str]]:
+        """Clean up after a crash and return the queue ids found in each state.
+
+        Envelope temp files are dropped; data files without any envelope were never
+        acknowledged and are deleted; a message found in two states (only possible after
+        outside interference) is kept in the later one.
+        """
+        for name in os.listdir(self.tmp_dir):
+            _unlink_quietly(os.path.join(self.tmp_dir, name))
+        found: dict[str, list[str]] = {}
+        seen: dict[str, str] = {}
+        for state in STATES:
+            found[state] = self.list_ids(state)
+            for qid in found[state]:
+                if qid in seen:
+                    _unlink_quietly(self.envelope_path(qid, seen[qid]))
+                    found[seen[qid]].remove(qid)
+                seen[qid] = state
+        for name in os.listdir(self.data_dir):
+            if name not in seen:
+                _unlink_quietly(self.data_path(name))
+        return found
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Out of space or quota: worth a distinct reply, since only waiting helps."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+__all__ = [
+    "ACTIVE",
+    "DEFERRED",
+    "HOLD",
+    "INCOMING",
+    "STATES",
+    "QueueStore",
+    "is_disk_full",
+]
