@@ -1,0 +1,601 @@
+"""mailplat's TOML configuration: loaded into frozen dataclasses, or every problem reported.
+
+Loading is a pure function of the file's text, so ``mailplat check-config`` and the server agree
+on what a file means. An operator sees all mistakes at once, each with its dotted key and line
+number; unknown keys are errors because a typo in a mail server's config is a silent outage.
+Plugins that own keys or sections declare them with ``register_keys`` / ``register_check``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import ipaddress
+import os
+import pkgutil
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, TypeVar
+
+from mailplat.routing import POSTMASTER, local_part_problem
+
+PROFILES = ("relay", "submission", "submissions", "lmtp", "odmr")
+EMBEDDED = "<embedded default>"
+DEFAULT_DATA_DIR = "./var/mailplat"
+
+Path = tuple[str | int, ...]
+Check = Callable[[Mapping[str, Any]], Iterable[tuple[Path, str]]]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One mistake in a config file, located well enough for an editor to jump to it."""
+
+    key: str
+    line: int | None
+    message: str
+    file: str = ""
+
+    def __str__(self) -> str:
+        where = self.file or "<config>"
+        if self.line is not None:
+            where = f"{where}:{self.line}"
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The config cannot be used; ``problems`` lists every reason found, not just the first."""
+
+    def __init__(self, problems: Iterable[Problem]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(str(problem) for problem in self.problems))
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """One listening endpoint; ``options`` holds extra keys registered by plugins."""
+
+    name: str
+    endpoint: str
+    profile: str
+    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    """A domain we deliver locally. ``users`` None means catch-all; names are lowercased.
+
+    ``postmaster`` is the user whose Maildir receives postmaster@ mail: "postmaster" when that
+    user exists (or the domain is catch-all), otherwise the first listed user, unless set.
+    """
+
+    name: str
+    users: frozenset[str] | None
+    maildir_root: str
+    postmaster: str = POSTMASTER
+    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole server configuration; durations in seconds, sizes in bytes, paths absolute."""
+
+    hostname: str
+    data_dir: str
+    queue_dir: str
+    maildir_root: str
+    listeners: tuple[ListenerConfig, ...]
+    domains: dict[str, DomainConfig] = field(hash=False)
+    max_message_size: int
+    max_recipients: int
+    command_timeout: float
+    data_timeout: float
+    max_received_headers: int
+    retry_delay: float
+    max_lifetime: float
+    trusted_networks: tuple[str, ...]
+    raw: dict[str, Any] = field(hash=False, repr=False)
+    source: str
+
+
+# ---------------------------------------------------------------- the schema and its extensions
+
+_KNOWN: dict[str, set[str]] = {
+    "": {"hostname", "data_dir", "queue", "limits", "maildir", "relay", "listener", "domains"},
+    "queue": {"dir", "retry_delay", "max_lifetime"},
+    "limits": {
+        "message_size",
+        "recipients",
+        "command_timeout",
+        "data_timeout",
+        "received_headers",
+    },
+    "maildir": {"root"},
+    "relay": {"trusted_networks"},
+    "listener": {"name", "endpoint", "profile"},
+    "domain": {"users", "catch_all", "maildir_root", "postmaster"},
+}
+_CORE = {table: frozenset(keys) for table, keys in _KNOWN.items()}
+_CHECKS: list[Check] = []
+
+
+def register_keys(table: str, *keys: str) -> None:
+    """Let a plugin own extra keys so they are not reported as typos.
+
+    ``table`` is "" for top-level keys and whole sections (e.g. ``register_keys("", "tls")``),
+    or one of "queue", "limits", "maildir", "relay", "listener", "domain". Extra listener and
+    domain keys are copied into ``options``; everything is in ``Config.raw``. Plugins call this
+    when their module in ``mailplat.plugins`` is imported; ``load_config`` imports them all.
+    """
+    _KNOWN[table].update(keys)
+
+
+def register_check(check: Check) -> None:
+    """Add a validator over the raw TOML that yields (path, message) for each problem found."""
+    if check not in _CHECKS:
+        _CHECKS.append(check)
+
+
+def _import_plugins() -> list[Problem]:
+    """Import every module of ``mailplat.plugins`` so each can register its config keys."""
+    import mailplat.plugins
+
+    problems = []
+    for module in pkgutil.iter_modules(mailplat.plugins.__path__, "mailplat.plugins."):
+        try:
+            importlib.import_module(module.name)
+        except Exception as error:
+            problems.append(Problem("", None, f"plugin {module.name} failed to import: {error!r}"))
+    return problems
+
+
+# --------------------------------------------------------------------------- values and units
+
+_SIZE = re.compile(r"(\d+)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([SMHDW]?)", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SECONDS = {"": 1, "S": 1, "M": 60, "H": 3600, "D": 86400, "W": 604800}
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an integer or a string like "10M" (K, M, G, T are powers of 1024)."""
+    if _number(value) and int(value) == value and value > 0:  # type: ignore[operator]
+        return int(value)  # type: ignore[arg-type]
+    match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None or int(match[1]) == 0:
+        raise ValueError(f"{value!r} is not a size: use bytes or a string like \"10M\" or \"1G\"")
+    return int(match[1]) * _SIZE_UNITS[match[2].upper()]
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string like "90s", "30m", "4h", "5d", "1w"."""
+    if _number(value) and value > 0:  # type: ignore[operator]
+        return float(value)  # type: ignore[arg-type]
+    match = _DURATION.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None or float(match[1]) == 0:
+        raise ValueError(f"{value!r} is not a duration: use seconds or a string like \"30m\"")
+    return float(match[1]) * _SECONDS[match[2].upper()]
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a non-empty string")
+    return value
+
+
+def _count(value: object) -> int:
+    if not _number(value) or int(value) != value or value < 1:  # type: ignore[operator]
+        raise ValueError(f"{value!r} is not a positive integer")
+    return int(value)  # type: ignore[arg-type]
+
+
+def _flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+def _path(value: object) -> str:
+    return os.path.abspath(os.path.expanduser(_text(value)))
+
+
+def _hostname(value: object) -> str:
+    if not _HOSTNAME.fullmatch(_text(value)):
+        raise ValueError(f"{value!r} is not a valid host name")
+    return str(value).lower()
+
+
+def _domain_name(name: str) -> str:
+    try:
+        ascii_name = name.encode("idna").decode("ascii")
+    except UnicodeError:
+        ascii_name = ""
+    if not _HOSTNAME.fullmatch(ascii_name) or name.endswith("."):
+        raise ValueError(f"{name!r} is not a valid domain name")
+    return name.lower()
+
+
+def _users(value: object) -> frozenset[str]:
+    if not isinstance(value, list) or not all(isinstance(user, str) for user in value):
+        raise ValueError("must be a list of user names")
+    for user in value:
+        problem = local_part_problem(user)
+        if problem:
+            raise ValueError(f"user name {user!r} {problem}")
+    return frozenset(user.lower() for user in value)
+
+
+def _networks(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError("must be a list of networks like \"192.0.2.0/24\"")
+    networks = []
+    for item in value:
+        try:
+            networks.append(str(ipaddress.ip_network(item.strip())))
+        except ValueError as error:
+            raise ValueError(f"{item!r} is not a network: {error}") from None
+    return tuple(networks)
+
+
+def _profile(value: object) -> str:
+    if value not in PROFILES:
+        raise ValueError(f"{value!r} is not a profile; use one of {', '.join(PROFILES)}")
+    return str(value)
+
+
+def _endpoint(value: object) -> str:
+    problem = endpoint_problem(_text(value))
+    if problem:
+        raise ValueError(f"bad endpoint {value!r}: {problem}")
+    return str(value)
+
+
+def endpoint_problem(description: str) -> str | None:
+    """Why a Twisted server endpoint string is malformed, or None; never binds or opens files."""
+    from twisted.internet import endpoints
+
+    try:
+        args, kwargs = endpoints._parse(description)  # type: ignore[attr-defined]
+        parser = endpoints._serverParsers.get(args[0])  # type: ignore[attr-defined]
+        if parser is None:  # a plugin type (tcp6, systemd, ...) or an unknown one
+            plugin = endpoints._parseServer(description, None)[0]  # type: ignore[attr-defined]
+            parser = getattr(plugin, "_parseServer", None)
+        if parser is not None:
+            bound = inspect.signature(parser).bind(None, *args[1:], **kwargs)
+            return _endpoint_arguments(bound.arguments)
+    except (ValueError, TypeError) as error:
+        return f"{error}"
+    return None
+
+
+def _endpoint_arguments(arguments: Mapping[str, object]) -> str | None:
+    """Check the values Twisted would convert when listening: ports, backlogs, unix paths."""
+    port, backlog = str(arguments.get("port", "0")), str(arguments.get("backlog", "1"))
+    if not (port.isdigit() and int(port) < 65536):
+        return f"port {port!r} is not a number from 0 to 65535"
+    if not backlog.isdigit():
+        return f"backlog {backlog!r} is not a number"
+    if arguments.get("address", None) == "":
+        return "the unix socket path is empty"
+    if not re.fullmatch(r"[0-7]{1,4}", str(arguments.get("mode", "666"))):
+        return f"mode {arguments['mode']!r} is not an octal file mode"
+    return None
+
+
+# ------------------------------------------------------------------- where keys are in the text
+
+_PART = r"(?:[A-Za-z0-9_-]+|\"(?:[^\"\\]|\\.)*\"|'[^']*')"
+_DOTTED = rf"{_PART}(?:\s*\.\s*{_PART})*"
+_HEADER = re.compile(rf"\s*(\[\[?)\s*({_DOTTED})\s*\]\]?\s*(?:#.*)?")
+_ASSIGN = re.compile(rf"\s*({_DOTTED})\s*=")
+_KEY_PART = re.compile(r"\s*(?:([A-Za-z0-9_-]+)|\"((?:[^\"\\]|\\.)*)\"|'([^']*)')\s*\.?")
+
+
+def _key_path(text: str) -> tuple[str, ...]:
+    """A TOML dotted key (a."b.c".d) as its parts; only called on text matching _DOTTED."""
+    return tuple(
+        next(group for group in match.groups() if group is not None)
+        for match in _KEY_PART.finditer(text)
+    )
+
+
+class Locator:
+    """Line numbers of tables and keys, found by scanning the text (tomllib keeps none)."""
+
+    def __init__(self, text: str) -> None:
+        self._lines: dict[Path, int] = {}
+        self._arrays: dict[Path, int] = {}
+        self.repeated: int | None = None  # first line that sets a key or table a second time
+        table: Path = ()
+        quote = None
+        for number, line in enumerate(text.splitlines(), 1):
+            if quote is None:
+                table = self._scan(line, number, table)
+            for mark in ('"""', "'''"):
+                if line.count(mark) % 2 and quote in (None, mark):
+                    quote = None if quote else mark
+
+    def _scan(self, line: str, number: int, table: Path) -> Path:
+        header = _HEADER.fullmatch(line)
+        if header:
+            path = _key_path(header[2])
+            table = self._resolve(path[:-1]) + (path[-1],)
+            if header[1] == "[[":
+                self._arrays[table] = self._arrays.get(table, -1) + 1
+            elif table in self._lines:
+                self._repeat(number)
+            if table in self._arrays:
+                table += (self._arrays[table],)
+            self._note(table, number)
+            return table
+        assign = _ASSIGN.match(line)
+        if assign:
+            key = table + _key_path(assign[1])
+            if key in self._lines:
+                self._repeat(number)
+            self._note(key, number)
+        return table
+
+    def _repeat(self, number: int) -> None:
+        if self.repeated is None:
+            self.repeated = number
+
+    def _resolve(self, path: tuple[str, ...]) -> Path:
+        resolved: Path = ()
+        for part in path:
+            resolved += (part,)
+            if resolved in self._arrays:
+                resolved += (self._arrays[resolved],)
+        return resolved
+
+    def _note(self, path: Path, number: int) -> None:
+        for end in range(1, len(path) + 1):
+            self._lines.setdefault(path[:end], number)
+
+    def line(self, path: Path) -> int | None:
+        """The line of ``path``, or of its nearest enclosing table that has one."""
+        while path:
+            if path in self._lines:
+                return self._lines[path]
+            path = path[:-1]
+        return None
+
+
+def dotted(path: Path) -> str:
+    """A path as operators write it: listener[0].endpoint, domains."example.org".users."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            plain = re.fullmatch(r"[A-Za-z0-9_-]+", part) is not None
+            text += ("." if text else "") + (part if plain else f'"{part}"')
+    return text
+
+
+# ----------------------------------------------------------------------------- building Config
+
+
+class _Checker:
+    """Collects problems while reading values, so one pass reports every mistake."""
+
+    def __init__(self, locator: Locator, source: str) -> None:
+        self.locator = locator
+        self.source = source
+        self.problems: list[Problem] = []
+
+    def report(self, path: Path, message: str) -> None:
+        self.problems.append(Problem(dotted(path), self.locator.line(path), message, self.source))
+
+    def unknown(self, table: Mapping[str, Any], path: Path, kind: str) -> None:
+        for key in table:
+            if key not in _KNOWN[kind]:
+                close = difflib.get_close_matches(key, sorted(_KNOWN[kind]), 1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                self.report(path + (key,), f"unknown key{hint}")
+
+    def section(self, raw: Mapping[str, Any], name: str) -> dict[str, Any]:
+        value = raw.get(name, {})
+        if not isinstance(value, dict):
+            self.report((name,), f"must be a table: [{name}]")
+            return {}
+        self.unknown(value, (name,), name)
+        return value
+
+    def get(self, table: Mapping[str, Any], path: Path, key: str,
+            convert: Callable[[object], T], default: T) -> T:
+        if key not in table:
+            return default
+        try:
+            return convert(table[key])
+        except ValueError as error:
+            self.report(path + (key,), str(error))
+            return default
+
+
+def _build(raw: dict[str, Any], check: _Checker) -> Config:
+    check.unknown(raw, (), "")
+    data_dir = check.get(raw, (), "data_dir", _path, os.path.abspath(DEFAULT_DATA_DIR))
+    queue, limits = check.section(raw, "queue"), check.section(raw, "limits")
+    maildir, relay = check.section(raw, "maildir"), check.section(raw, "relay")
+    maildir_root = check.get(maildir, ("maildir",), "root", _path, os.path.join(data_dir, "mail"))
+    q, lim = ("queue",), ("limits",)
+    return Config(
+        hostname=check.get(raw, (), "hostname", _hostname, "") or socket.getfqdn(),
+        data_dir=data_dir,
+        queue_dir=check.get(queue, q, "dir", _path, os.path.join(data_dir, "queue")),
+        maildir_root=maildir_root,
+        listeners=_listeners(raw, check),
+        domains=_domains(raw, check, maildir_root),
+        max_message_size=check.get(limits, lim, "message_size", parse_size, 64 << 20),
+        max_recipients=check.get(limits, lim, "recipients", _count, 100),
+        command_timeout=check.get(limits, lim, "command_timeout", parse_duration, 300.0),
+        data_timeout=check.get(limits, lim, "data_timeout", parse_duration, 180.0),
+        max_received_headers=check.get(limits, lim, "received_headers", _count, 50),
+        retry_delay=check.get(queue, q, "retry_delay", parse_duration, 300.0),
+        max_lifetime=check.get(queue, q, "max_lifetime", parse_duration, 5 * 86400.0),
+        trusted_networks=check.get(relay, ("relay",), "trusted_networks", _networks, ()),
+        raw=raw,
+        source=check.source,
+    )
+
+
+def _listeners(raw: Mapping[str, Any], check: _Checker) -> tuple[ListenerConfig, ...]:
+    tables = raw.get("listener", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        check.report(("listener",), "must be an array of tables: [[listener]]")
+        return ()
+    if not tables:
+        check.report(("listener",), "no listeners: add a [[listener]] table")
+    listeners: list[ListenerConfig] = []
+    first: dict[str, int] = {}
+    for index, table in enumerate(tables):
+        listener = _listener(table, ("listener", index), check)
+        if listener is None:
+            continue
+        if listener.name in first:
+            message = f"duplicate listener name {listener.name!r} (see listener[{first[listener.name]}])"
+            check.report(("listener", index, "name"), message)
+        first.setdefault(listener.name, index)
+        listeners.append(listener)
+    return tuple(listeners)
+
+
+def _listener(table: Mapping[str, Any], path: Path, check: _Checker) -> ListenerConfig | None:
+    check.unknown(table, path, "listener")
+    for key in ("name", "endpoint", "profile"):
+        if key not in table:
+            check.report(path, f"missing {key!r}")
+    name = check.get(table, path, "name", _text, None)
+    endpoint = check.get(table, path, "endpoint", _endpoint, None)
+    profile = check.get(table, path, "profile", _profile, None)
+    if name is None or endpoint is None or profile is None:
+        return None
+    options = {key: value for key, value in table.items() if key not in _CORE["listener"]}
+    return ListenerConfig(name, endpoint, profile, options)
+
+
+def _domains(raw: Mapping[str, Any], check: _Checker, root: str) -> dict[str, DomainConfig]:
+    tables = raw.get("domains", {})
+    if not isinstance(tables, dict):
+        check.report(("domains",), "must be a table of domains: [domains.\"example.org\"]")
+        return {}
+    if not tables:
+        check.report(("domains",), "no domains: add e.g. [domains.\"localhost\"] catch_all = true")
+    domains: dict[str, DomainConfig] = {}
+    for name, table in tables.items():
+        domain = _domain(name, table, ("domains", name), check, root)
+        if domain is not None and domain.name in domains:
+            check.report(("domains", name), "duplicate domain (names are case-insensitive)")
+        elif domain is not None:
+            domains[domain.name] = domain
+    return domains
+
+
+def _domain(name: str, table: object, path: Path, check: _Checker, root: str) -> DomainConfig | None:
+    if not isinstance(table, dict):
+        check.report(path, "must be a table")
+        return None
+    check.unknown(table, path, "domain")
+    try:
+        name = _domain_name(name)
+    except ValueError as error:
+        check.report(path, str(error))
+        return None
+    listed = table.get("users") if isinstance(table.get("users"), list) else []
+    users = check.get(table, path, "users", _users, None)
+    catch_all = check.get(table, path, "catch_all", _flag, False)
+    if catch_all and "users" in table:
+        check.report(path, "set users = [...] or catch_all = true, not both")
+    elif not catch_all and "users" not in table:
+        check.report(path, "set users = [...] or catch_all = true")
+    postmaster = _postmaster(table, path, check, users, listed)
+    return DomainConfig(
+        name=name,
+        users=None if catch_all else (users or frozenset()),
+        maildir_root=check.get(table, path, "maildir_root", _path, os.path.join(root, name)),
+        postmaster=postmaster,
+        options={key: value for key, value in table.items() if key not in _CORE["domain"]},
+    )
+
+
+def _postmaster(table: Mapping[str, Any], path: Path, check: _Checker,
+                users: frozenset[str] | None, listed: list[Any]) -> str:
+    """Whose Maildir gets postmaster@ mail: RFC 5321 §4.5.1 says postmaster must always exist."""
+    if "postmaster" in table:
+        chosen = check.get(table, path, "postmaster", _text, POSTMASTER).lower()
+        if users is not None and chosen not in users:
+            check.report(path + ("postmaster",), f"{chosen!r} is not one of this domain's users")
+        return chosen
+    if users is None or POSTMASTER in users or not users:
+        return POSTMASTER
+    return str(listed[0]).lower()
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    """Build a Config from TOML text, or raise ConfigError listing every problem."""
+    problems = [Problem(p.key, p.line, p.message, source) for p in _import_plugins()]
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(problems + [_syntax_problem(error, text, source)]) from None
+    check = _Checker(Locator(text), source)
+    config = _build(raw, check)
+    for extra in list(_CHECKS):
+        try:
+            for path, message in extra(raw):
+                check.report(path, message)
+        except Exception as error:
+            check.report((), f"config check {extra!r} failed: {error!r}")
+    if problems or check.problems:
+        raise ConfigError(problems + check.problems)
+    return config
+
+
+def _syntax_problem(error: tomllib.TOMLDecodeError, text: str, source: str) -> Problem:
+    message = str(error)
+    where = re.search(r" \(at line (\d+), column \d+\)$", message)
+    if where:
+        return Problem("", int(where[1]), f"TOML syntax error: {message[: where.start()]}", source)
+    message = message.replace(" (at end of document)", "")
+    repeated = Locator(text).repeated
+    if repeated is not None and message.startswith("Cannot"):  # a key or table set twice
+        return Problem("", repeated, f"TOML syntax error: {message}", source)
+    return Problem("", text.count("\n") + 1, f"TOML syntax error at end of file: {message}", source)
+
+
+def load_config(path: str | None) -> Config:
+    """Load ``path``, or the embedded default when None; raise ConfigError with every problem."""
+    if path is None:
+        default = resources.files("mailplat").joinpath("default.toml")
+        return parse_config(default.read_text("utf-8"), EMBEDDED)
+    try:
+        with open(path, encoding="utf-8") as stream:
+            text = stream.read()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else f"not UTF-8: {error}"
+        raise ConfigError([Problem("", None, f"cannot read: {reason}", path)]) from None
+    return parse_config(text, path)
+
+
+def check_config(path: str) -> list[Problem]:
+    """Every problem in the config file at ``path``; empty when the server would accept it."""
+    try:
+        load_config(path)
+    except ConfigError as error:
+        return error.problems
+    return []

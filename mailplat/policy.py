@@ -1,0 +1,174 @@
+"""The default policy (no open relay) and the chain that runs policies in configured order.
+
+Sessions never decide anything themselves: they ask an IPolicy at each SMTP stage. The chain
+makes plugins safe to run: a hook that hangs or raises costs the client a 451 (try again later),
+never a crash and never a silent accept.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.error import TimeoutError as HookTimeout
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailplat.envelope import SessionInfo, Transaction
+from mailplat.interfaces import CONTINUE, Action, IPolicy, IRouter, Route, Verdict
+from mailplat.replies import LOCAL_ERROR, Reply
+
+RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+POLICY_TIMEOUT = Reply(451, "4.3.0", "Policy check timed out, try again later")
+HOOKS = ("connect", "helo", "mail", "rcpt", "data")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(networks: Iterable[str | Network]) -> tuple[Network, ...]:
+    """Networks from CIDR strings (as in Config.trusted_networks) or network objects."""
+    return tuple(ipaddress.ip_network(network) for network in networks)
+
+
+def in_networks(host: str, networks: Sequence[Network]) -> bool:
+    """Whether the peer address ``host`` lies in one of ``networks``.
+
+    IPv4 clients on an IPv6 socket appear as ::ffff:a.b.c.d and are matched as IPv4; a host
+    that is not an IP address at all (a UNIX socket peer, say) is never trusted.
+    """
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+@implementer(IPolicy)
+class DefaultPolicy:
+    """Accept mail for routable local recipients; relay only for authenticated or trusted clients.
+
+    It answers ACCEPT at RCPT, so it belongs at the end of a chain: policies before it may
+    reject or accept first.
+    """
+
+    def __init__(self, router: IRouter, trusted_networks: Iterable[str | Network] = ()) -> None:
+        self.router = router
+        self.trusted = parse_networks(trusted_networks)
+
+    def connect(self, session: SessionInfo) -> Deferred[Verdict]:
+        return succeed(CONTINUE)
+
+    def helo(self, session: SessionInfo, name: str) -> Deferred[Verdict]:
+        return succeed(CONTINUE)
+
+    def mail(self, session: SessionInfo, sender: Any, params: dict[str, Any]) -> Deferred[Verdict]:
+        return succeed(CONTINUE)
+
+    def rcpt(
+        self, session: SessionInfo, transaction: Transaction, recipient: Any, params: dict[str, Any]
+    ) -> Deferred[Verdict]:
+        """Route the recipient; refuse unroutable ones and relaying for strangers."""
+        routed: Deferred[Route | Reply] = self.router.route(recipient)
+        return routed.addCallback(self._judge, session)
+
+    def data(self, session: SessionInfo, transaction: Transaction, headers: bytes) -> Deferred[Verdict]:
+        return succeed(CONTINUE)
+
+    def _judge(self, route: Route | Reply, session: SessionInfo) -> Verdict:
+        if isinstance(route, Reply):
+            return Verdict(Action.REJECT, route)
+        if route.relay and not self.may_relay(session):
+            return Verdict(Action.REJECT, RELAY_DENIED)
+        return Verdict(Action.ACCEPT)
+
+    def may_relay(self, session: SessionInfo) -> bool:
+        """Authenticated clients and clients in the trusted networks may relay."""
+        return bool(session.auth_user) or in_networks(session.peer_host, self.trusted)
+
+
+@implementer(IPolicy)
+class PolicyChain:
+    """Runs policies in order; the first verdict other than CONTINUE answers for the chain.
+
+    Each hook call gets ``timeout`` seconds on ``clock``; a late or failing hook yields a
+    TEMPFAIL with a 451 reply and a log entry, so a broken plugin delays mail but loses none.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        policies: Iterable[IPolicy],
+        timeout: float = 30.0,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        self.policies = tuple(policies)
+        self.timeout = timeout
+        self._clock = clock
+
+    def connect(self, session: SessionInfo) -> Deferred[Verdict]:
+        return self._run("connect", session)
+
+    def helo(self, session: SessionInfo, name: str) -> Deferred[Verdict]:
+        return self._run("helo", session, name)
+
+    def mail(self, session: SessionInfo, sender: Any, params: dict[str, Any]) -> Deferred[Verdict]:
+        return self._run("mail", session, sender, params)
+
+    def rcpt(
+        self, session: SessionInfo, transaction: Transaction, recipient: Any, params: dict[str, Any]
+    ) -> Deferred[Verdict]:
+        return self._run("rcpt", session, transaction, recipient, params)
+
+    def data(self, session: SessionInfo, transaction: Transaction, headers: bytes) -> Deferred[Verdict]:
+        return self._run("data", session, transaction, headers)
+
+    @property
+    def clock(self) -> IReactorTime:
+        """The injected clock, or the global reactor chosen only when first needed."""
+        if self._clock is None:
+            from twisted.internet import reactor
+
+            self._clock = reactor  # type: ignore[assignment]
+        return self._clock  # type: ignore[return-value]
+
+    def _run(self, hook: str, *args: Any) -> Deferred[Verdict]:
+        """Ask each policy in turn, stopping at the first verdict that is not CONTINUE."""
+        pending = list(self.policies)
+
+        def next_policy(verdict: Verdict) -> Verdict | Deferred[Verdict]:
+            if verdict.action is not Action.CONTINUE or not pending:
+                return verdict
+            return self._call(pending.pop(0), hook, args).addCallback(next_policy)
+
+        return succeed(CONTINUE).addCallback(next_policy)
+
+    def _call(self, policy: IPolicy, hook: str, args: tuple[Any, ...]) -> Deferred[Verdict]:
+        """One hook call, guarded by the timeout and turned into a verdict whatever happens."""
+        method: Callable[..., Deferred[Verdict]] = getattr(policy, hook)
+        result: Deferred[Verdict] = maybeDeferred(method, *args)
+        result.addTimeout(self.timeout, self.clock)
+        return result.addCallback(self._checked, policy, hook).addErrback(
+            self._failed, policy, hook
+        )
+
+    def _checked(self, verdict: object, policy: IPolicy, hook: str) -> Verdict:
+        if not isinstance(verdict, Verdict):
+            raise TypeError(f"{policy!r}.{hook} answered {verdict!r}, not a Verdict")
+        return verdict
+
+    def _failed(self, failure: Failure, policy: IPolicy, hook: str) -> Verdict:
+        if failure.check(HookTimeout):
+            self.log.warn(
+                "Policy hook {hook} of {policy!r} timed out after {timeout}s",
+                hook=hook, policy=policy, timeout=self.timeout,
+            )
+            return Verdict(Action.TEMPFAIL, POLICY_TIMEOUT)
+        self.log.failure("Policy hook {hook} of {policy!r} failed", failure, hook=hook, policy=policy)
+        return Verdict(Action.TEMPFAIL, LOCAL_ERROR)
