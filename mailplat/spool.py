@@ -1,0 +1,186 @@
+"""The spool writer: where SMTP sessions stream a message into the queue.
+
+The bytes go straight to ``data/<qid>`` while they arrive. At the end of data the file is
+fsync'd, the envelope is written into ``incoming/`` and both directories are fsync'd in a shared
+round; only then does the client get 250. Any failure answers 451/452, never 250 or 5xx, since
+the client still holds the message and can simply try again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import IO, Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailplat.envelope import Envelope, SessionInfo, Transaction
+from mailplat.groupsync import GroupSyncer, RunInThread, thread_runner
+from mailplat.interfaces import IIncomingMessage, IMessageSink, SpoolError
+from mailplat.replies import LOCAL_ERROR, SPOOL_FULL, Reply
+from mailplat.store import INCOMING, QueueStore, is_disk_full
+
+log = Logger()
+
+
+def error_reply(error: BaseException) -> Reply:
+    """452 4.3.1 when the disk is full (waiting helps), 451 4.3.0 for anything else."""
+    return SPOOL_FULL if is_disk_full(error) else LOCAL_ERROR
+
+
+@implementer(IMessageSink)
+class Spool:
+    """Accepts messages into the durable queue and hands each committed one to ``on_commit``."""
+
+    def __init__(
+        self,
+        store: QueueStore,
+        syncer: GroupSyncer | None,
+        on_commit: Callable[[Envelope], object],
+        reactor: Any = None,
+        runInThread: RunInThread | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.store = store
+        self.syncer = syncer or store.syncer
+        self.on_commit = on_commit
+        self.reactor = reactor
+        self.runInThread = runInThread or thread_runner(reactor)
+
+    def begin(self, session: SessionInfo, transaction: Transaction) -> "IncomingMessage":
+        """Open the data file of a new message; SpoolError when the disk refuses."""
+        qid = self.store.new_queue_id()
+        try:
+            data = self.store.open_data_for_write(qid)
+        except OSError as e:
+            log.error("{qid}: cannot create data file: {error}", qid=qid, error=e)
+            raise SpoolError(error_reply(e)) from e
+        return IncomingMessage(self, qid, data, session, transaction)
+
+
+@implementer(IIncomingMessage)
+class IncomingMessage:
+    """One message being written; ``finish`` commits it, ``abort`` throws it away."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        queue_id: str,
+        data: IO[bytes],
+        session: SessionInfo,
+        transaction: Transaction,
+    ) -> None:
+        self.queue_id = queue_id
+        self.size = 0
+        self._spool = spool
+        self._data = data
+        self._session = session
+        self._transaction = transaction
+        self._error: OSError | None = None
+        self._closed = False  # finish or abort has begun; nothing may be written any more
+
+    def write(self, data: bytes) -> None:
+        """Append bytes; after a failed write every later write fails the same way."""
+        if self._error is not None:
+            raise SpoolError(error_reply(self._error))
+        try:
+            self._data.write(data)
+        except OSError as e:
+            self._error = e
+            log.error("{qid}: writing data failed: {error}", qid=self.queue_id, error=e)
+            raise SpoolError(error_reply(e)) from e
+        self.size += len(data)
+
+    def finish(self, transaction: Transaction | None = None) -> "Deferred[list[Reply]]":
+        """Commit: fsync data, write the envelope into incoming/, sync dirs, then 250."""
+        if transaction is not None:
+            self._transaction = transaction
+        self._closed = True
+        if self._error is not None:
+            self._discard()
+            return succeed([error_reply(self._error)] * self._reply_count())
+        d = self._spool.runInThread(_fsync_and_close, self._data)
+        d.addCallback(lambda _: self._write_envelope())
+        d.addCallbacks(self._committed, self._failed)
+        return d
+
+    def _write_envelope(self) -> "Deferred[Envelope]":
+        """The envelope goes to incoming/; one shared round syncs it and the data entry."""
+        envelope = self._envelope()
+        store = self._spool.store
+        d = store.write_envelope(envelope, INCOMING, sync=False)
+        d.addCallback(
+            lambda _: self._spool.syncer.sync_dirs([store.state_dir(INCOMING), store.data_dir])
+        )
+        d.addCallback(lambda _: envelope)
+        return d
+
+    def _envelope(self) -> Envelope:
+        t = self._transaction
+        return Envelope(
+            queue_id=self.queue_id,
+            sender=t.sender,
+            recipients=tuple(t.recipients),
+            received_at=self._spool.reactor.seconds(),
+            size=self.size,
+            body=t.body,
+            smtputf8=t.smtputf8,
+            envid=t.envid,
+            ret=t.ret,
+            session=self._session,
+        )
+
+    def _committed(self, envelope: Envelope) -> list[Reply]:
+        """The message is durable: say so, then let the queue take it (after our reply is
+        on its way, since the queue's first delivery attempt is no business of the client)."""
+        reply = Reply(250, "2.0.0", f"Ok: queued as {self.queue_id}")
+        self._spool.reactor.callLater(0, self._hand_over, envelope)
+        return [reply] * self._reply_count()
+
+    def _hand_over(self, envelope: Envelope) -> None:
+        try:
+            self._spool.on_commit(envelope)
+        except Exception:
+            log.failure("{qid}: queue refused committed message", qid=self.queue_id)
+
+    def _failed(self, failure: Failure) -> list[Reply]:
+        """Undo whatever reached the disk: the client was not told 250 and will retry."""
+        log.failure("{qid}: commit failed", failure, qid=self.queue_id)
+        self._discard()
+        self._spool.store.remove(self.queue_id)
+        return [error_reply(failure.value)] * self._reply_count()
+
+    def _reply_count(self) -> int:
+        """LMTP wants one reply per recipient after the data, SMTP a single one."""
+        if self._session.protocol.upper().startswith("LMTP"):
+            return max(1, len(self._transaction.recipients))
+        return 1
+
+    def abort(self) -> None:
+        """Discard the message; too late once finish began (the commit cannot be recalled)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._discard()
+
+    def _discard(self) -> None:
+        try:
+            self._data.close()
+        except OSError:
+            pass  # a buffered write failing again on close changes nothing: we delete it
+        self._spool.store.remove(self.queue_id)
+
+
+def _fsync_and_close(data: IO[bytes]) -> None:
+    """Blocking: push the buffered bytes to the disk before anyone is told they are safe."""
+    try:
+        data.flush()
+        os.fsync(data.fileno())
+    finally:
+        data.close()
