@@ -107,15 +107,12 @@ class Config:
 # ---------------------------------------------------------------- the schema and its extensions
 
 _KNOWN: dict[str, set[str]] = {
-    "": {"hostname", "data_dir", "queue", "limits", "maildir", "relay", "listener", "domains"},
+    # "agent" holds one [agent.NAME] table per delivery agent, checked by that agent's plugin.
+    "": {"hostname", "data_dir", "queue", "limits", "maildir", "relay", "listener", "domains",
+         "agent"},
     "queue": {"dir", "retry_delay", "max_lifetime"},
-    "limits": {
-        "message_size",
-        "recipients",
-        "command_timeout",
-        "data_timeout",
-        "received_headers",
-    },
+    "limits": {"message_size", "recipients", "command_timeout", "data_timeout",
+               "received_headers"},
     "maildir": {"root"},
     "relay": {"trusted_networks"},
     "listener": {"name", "endpoint", "profile"},
