@@ -1,0 +1,174 @@
+"""Maildir delivery (https://cr.yp.to/proto/maildir.html, with Dovecot's ``,S=<size>``).
+
+A message is written to ``tmp/`` under a unique name, fsync'd, renamed into ``new/`` and
+``new/`` is fsync'd: a reader never sees a partial file and a crash never loses an
+acknowledged one. Further recipients of the same message get a hard link to the file already
+delivered, so a message to a thousand local users is written once.
+
+Everything here blocks; ``MaildirAgent`` runs it in a thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import shutil
+import threading
+import time
+from typing import IO, Any
+
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from mailplat.envelope import Recipient
+from mailplat.groupsync import RunInThread, fsync_dir, thread_runner
+from mailplat.interfaces import IDeliveryAgent, IStoredMessage, Route
+from mailplat.replies import Reply
+
+CHUNK = 1 << 20  # large copies: few syscalls per message
+DELIVERED = Reply(250, "2.0.0", "delivered to maildir")
+MAILBOX_FULL = Reply(452, "4.2.2", "mailbox full")
+
+_counter = itertools.count()
+_counter_lock = threading.Lock()
+
+
+def unique_name(hostname: str) -> str:
+    """``<sec>.M<usec>P<pid>Q<n>.<host>``: unique per process thanks to the counter, per host
+    thanks to pid and hostname (with '/' and ':' escaped as the spec asks)."""
+    now = time.time()
+    seconds = int(now)
+    micros = int((now - seconds) * 1_000_000)
+    with _counter_lock:
+        n = next(_counter)
+    host = hostname.replace("/", "\\057").replace(":", "\\072")
+    return f"{seconds}.M{micros}P{os.getpid()}Q{n}.{host}"
+
+
+def ensure_maildir(maildir: str) -> None:
+    """Create tmp/, new/ and cur/ (mode 0700) on first delivery, durably."""
+    subdirs = [os.path.join(maildir, sub) for sub in ("tmp", "new", "cur")]
+    if all(os.path.isdir(path) for path in subdirs):
+        return
+    os.makedirs(maildir, mode=0o700, exist_ok=True)
+    for path in subdirs:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    fsync_dir(maildir)
+    fsync_dir(os.path.dirname(os.path.abspath(maildir)))
+
+
+def deliver_stream(source: IO[bytes], maildir: str, hostname: str) -> str:
+    """Copy a message into the maildir; returns the path of the file in new/."""
+    ensure_maildir(maildir)
+    base = unique_name(hostname)
+    tmp = os.path.join(maildir, "tmp", base)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb", buffering=0) as out:
+            shutil.copyfileobj(source, out, CHUNK)
+            os.fsync(out.fileno())
+            size = out.tell()
+        return _publish(tmp, maildir, f"{base},S={size}")
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def deliver_file(source_path: str, maildir: str, hostname: str) -> str:
+    """Copy the file at ``source_path`` into the maildir; returns the path in new/."""
+    with open(source_path, "rb") as source:
+        return deliver_stream(source, maildir, hostname)
+
+
+def deliver_link(delivered: str, maildir: str, hostname: str) -> str:
+    """Hard-link a file already delivered (hence already durable) into another maildir.
+    Raises OSError (EXDEV across filesystems, ...) when the caller must copy instead."""
+    ensure_maildir(maildir)
+    name = f"{unique_name(hostname)},S={os.stat(delivered).st_size}"
+    tmp = os.path.join(maildir, "tmp", name)
+    os.link(delivered, tmp)
+    try:
+        return _publish(tmp, maildir, name)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _publish(tmp: str, maildir: str, name: str) -> str:
+    """tmp/ → new/ and make the new entry durable."""
+    final = os.path.join(maildir, "new", name)
+    os.rename(tmp, final)
+    fsync_dir(os.path.join(maildir, "new"))
+    return final
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def reply_for(error: OSError) -> Reply:
+    """Over quota or out of space is "mailbox full"; anything else a local error; both 4xx,
+    since the queue should retry."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return MAILBOX_FULL
+    return Reply(451, "4.3.0", f"cannot deliver to maildir: {error.strerror or 'error'}")
+
+
+class _OneMessage:
+    """Delivers one message to several maildirs: copied once, then hard-linked."""
+
+    def __init__(self, message: IStoredMessage, hostname: str) -> None:
+        self.message = message
+        self.hostname = hostname
+        self.first: str | None = None
+
+    def deliver(self, maildir: str) -> str:
+        if self.first is not None:
+            try:
+                return deliver_link(self.first, maildir, self.hostname)
+            except OSError:
+                pass  # other filesystem, link limit, file already moved to cur/: copy
+        with self.message.open() as source:
+            path = deliver_stream(source, maildir, self.hostname)
+        self.first = self.first or path
+        return path
+
+
+@implementer(IDeliveryAgent)
+class MaildirAgent:
+    """The ``maildir`` delivery agent: ``route.destination`` is the Maildir directory."""
+
+    name = "maildir"
+
+    def __init__(self, hostname: str, reactor: Any, runInThread: RunInThread | None = None) -> None:
+        self.hostname = hostname
+        self.reactor = reactor
+        self._run = runInThread or thread_runner(reactor)
+
+    def deliver(
+        self, message: IStoredMessage, recipients: list[tuple[Recipient, Route]]
+    ) -> "Deferred[dict[str, Reply]]":
+        """All recipients in one thread call: one thread hop per message, not per recipient."""
+        return self._run(self._deliver_all, message, list(recipients))
+
+    def _deliver_all(
+        self, message: IStoredMessage, recipients: list[tuple[Recipient, Route]]
+    ) -> dict[str, Reply]:
+        """Blocking. Two recipients routed to the same maildir get the message once."""
+        one = _OneMessage(message, self.hostname)
+        by_maildir: dict[str, Reply] = {}
+        replies: dict[str, Reply] = {}
+        for recipient, route in recipients:
+            maildir = route.destination
+            if maildir not in by_maildir:
+                try:
+                    one.deliver(maildir)
+                    by_maildir[maildir] = DELIVERED
+                except OSError as e:
+                    by_maildir[maildir] = reply_for(e)
+            replies[recipient.address] = by_maildir[maildir]
+        return replies
