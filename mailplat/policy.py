@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.error import TimeoutError as HookTimeout
+from twisted.internet.defer import TimeoutError as HookTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -77,7 +77,9 @@ class DefaultPolicy:
         routed: Deferred[Route | Reply] = self.router.route(recipient)
         return routed.addCallback(self._judge, session)
 
-    def data(self, session: SessionInfo, transaction: Transaction, headers: bytes) -> Deferred[Verdict]:
+    def data(
+        self, session: SessionInfo, transaction: Transaction, headers: bytes
+    ) -> Deferred[Verdict]:
         return succeed(CONTINUE)
 
     def _judge(self, route: Route | Reply, session: SessionInfo) -> Verdict:
@@ -126,7 +128,9 @@ class PolicyChain:
     ) -> Deferred[Verdict]:
         return self._run("rcpt", session, transaction, recipient, params)
 
-    def data(self, session: SessionInfo, transaction: Transaction, headers: bytes) -> Deferred[Verdict]:
+    def data(
+        self, session: SessionInfo, transaction: Transaction, headers: bytes
+    ) -> Deferred[Verdict]:
         return self._run("data", session, transaction, headers)
 
     @property
@@ -170,5 +174,7 @@ class PolicyChain:
                 hook=hook, policy=policy, timeout=self.timeout,
             )
             return Verdict(Action.TEMPFAIL, POLICY_TIMEOUT)
-        self.log.failure("Policy hook {hook} of {policy!r} failed", failure, hook=hook, policy=policy)
+        self.log.failure(
+            "Policy hook {hook} of {policy!r} failed", failure, hook=hook, policy=policy
+        )
         return Verdict(Action.TEMPFAIL, LOCAL_ERROR)
