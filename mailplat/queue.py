@@ -220,6 +220,7 @@ class QueueManager(Service):
             self._schedule(qid, self.reactor.seconds() + self.retry_delay)
 
     async def _attempt_steps(self, envelope: Envelope) -> None:
+        """Route the due recipients, call each agent once, record outcomes, settle."""
         now = self.reactor.seconds()
         due = [i for i, r in enumerate(envelope.recipients) if _is_due(r, now)]
         routes = await self._route_all(envelope, due)
@@ -230,7 +231,10 @@ class QueueManager(Service):
                 outcomes[index] = ("none", route)
             else:
                 groups.setdefault(route.agent, []).append((index, route))
-        calls = [self._run_agent(envelope, name, pairs) for name, pairs in groups.items()]
+        calls = [
+            Deferred.fromCoroutine(self._run_agent(envelope, name, pairs))
+            for name, pairs in groups.items()
+        ]
         for result in await gatherResults(calls):
             outcomes.update(result)
         envelope, bounced = self._apply(envelope, outcomes)
@@ -239,44 +243,40 @@ class QueueManager(Service):
         await self._settle(envelope)
 
     async def _route_all(self, envelope: Envelope, indexes: list[int]) -> dict[int, Route | Reply]:
-        """Ask the router about each due recipient; a router error defers that recipient."""
-        answers = [self._route_one(envelope, i) for i in indexes]
+        """Ask the router about every due recipient at once."""
+        answers = [Deferred.fromCoroutine(self._route_one(envelope, i)) for i in indexes]
         return dict(zip(indexes, await gatherResults(answers)))
 
-    def _route_one(self, envelope: Envelope, index: int) -> "Deferred[Route | Reply]":
+    async def _route_one(self, envelope: Envelope, index: int) -> Route | Reply:
+        """A Route, or the Reply refusing the recipient; a router error defers it."""
         address = envelope.recipients[index].address
-        d = maybeDeferred(lambda: self.router.route(mailbox_of(address)))
-
-        def checked(answer: object) -> Route | Reply:
-            if isinstance(answer, (Route, Reply)):
-                return answer
-            raise TypeError(f"router answered {answer!r} for {address}")
-
-        def failed(failure: Failure) -> Reply:
-            log.failure("{qid}: routing <{addr}> failed", failure, qid=envelope.queue_id, addr=address)
+        try:
+            answer = await maybeDeferred(self.router.route, mailbox_of(address))
+            if not isinstance(answer, (Route, Reply)):
+                raise TypeError(f"router answered {answer!r}")
+            return answer
+        except Exception:
+            log.failure("{qid}: routing <{addr}> failed", qid=envelope.queue_id, addr=address)
             return LOCAL_ERROR
 
-        return d.addCallback(checked).addErrback(failed)
-
-    def _run_agent(
+    async def _run_agent(
         self, envelope: Envelope, name: str, pairs: list[tuple[int, Route]]
-    ) -> "Deferred[Outcomes]":
+    ) -> Outcomes:
         """One agent call for all recipients routed to it; an exception defers them all."""
         agent = self.agents.get(name)
         if agent is None:
-            return succeed({i: (name, NO_AGENT) for i, _ in pairs})
+            return {i: (name, NO_AGENT) for i, _ in pairs}
         message = StoredMessage(envelope, self.store.data_path(envelope.queue_id))
         handed = [(envelope.recipients[i], route) for i, route in pairs]
-        d = maybeDeferred(agent.deliver, message, handed)
-
-        def mapped(replies: Mapping[str, Reply]) -> Outcomes:
-            return {i: (name, replies.get(r.address, NO_OUTCOME)) for (i, _), (r, _) in zip(pairs, handed)}
-
-        def failed(failure: Failure) -> Outcomes:
-            log.failure("{qid}: agent {agent} failed", failure, qid=envelope.queue_id, agent=name)
+        try:
+            replies = await maybeDeferred(agent.deliver, message, handed)
+            return {
+                i: (name, replies.get(r.address, NO_OUTCOME))
+                for (i, _), (r, _) in zip(pairs, handed)
+            }
+        except Exception:
+            log.failure("{qid}: agent {agent} failed", qid=envelope.queue_id, agent=name)
             return {i: (name, LOCAL_ERROR) for i, _ in pairs}
-
-        return d.addCallback(mapped).addErrback(failed)
 
     def _apply(self, envelope: Envelope, outcomes: Outcomes) -> tuple[Envelope, list[Recipient]]:
         """Record each recipient's outcome in the envelope and log it; returns the new bounces."""

@@ -26,7 +26,7 @@ from mailplat.store import INCOMING, QueueStore, is_disk_full
 log = Logger()
 
 
-def error_reply(error: BaseException) -> Reply:
+def error_reply(error: BaseException | None) -> Reply:
     """452 4.3.1 when the disk is full (waiting helps), 451 4.3.0 for anything else."""
     return SPOOL_FULL if is_disk_full(error) else LOCAL_ERROR
 
@@ -99,27 +99,26 @@ class IncomingMessage:
 
     def finish(self, transaction: Transaction | None = None) -> "Deferred[list[Reply]]":
         """Commit: fsync data, write the envelope into incoming/, sync dirs, then 250."""
+        if self._closed:
+            # Finishing twice (or after abort) must never touch a message already committed.
+            return succeed([LOCAL_ERROR] * self._reply_count())
         if transaction is not None:
             self._transaction = transaction
         self._closed = True
         if self._error is not None:
             self._discard()
             return succeed([error_reply(self._error)] * self._reply_count())
-        d = self._spool.runInThread(_fsync_and_close, self._data)
-        d.addCallback(lambda _: self._write_envelope())
-        d.addCallbacks(self._committed, self._failed)
-        return d
+        return Deferred.fromCoroutine(self._commit()).addCallbacks(self._committed, self._failed)
 
-    def _write_envelope(self) -> "Deferred[Envelope]":
-        """The envelope goes to incoming/; one shared round syncs it and the data entry."""
+    async def _commit(self) -> Envelope:
+        """The commit order: data fsync'd, envelope written into incoming/, then one shared
+        round syncs incoming/ and data/ (the new entries) — and only then is it durable."""
+        spool, store = self._spool, self._spool.store
+        await spool.runInThread(_fsync_and_close, self._data)
         envelope = self._envelope()
-        store = self._spool.store
-        d = store.write_envelope(envelope, INCOMING, sync=False)
-        d.addCallback(
-            lambda _: self._spool.syncer.sync_dirs([store.state_dir(INCOMING), store.data_dir])
-        )
-        d.addCallback(lambda _: envelope)
-        return d
+        await store.write_envelope(envelope, INCOMING, sync=False)
+        await spool.syncer.sync_dirs([store.state_dir(INCOMING), store.data_dir])
+        return envelope
 
     def _envelope(self) -> Envelope:
         t = self._transaction

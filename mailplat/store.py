@@ -180,7 +180,7 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def is_disk_full(error: BaseException) -> bool:
+def is_disk_full(error: BaseException | None) -> bool:
     """Out of space or quota: worth a distinct reply, since only waiting helps."""
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 

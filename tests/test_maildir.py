@@ -18,6 +18,7 @@ import mailplat.plugins
 from mailplat.envelope import Envelope, Recipient
 from mailplat.interfaces import AgentContext, IDeliveryAgent, IDeliveryAgentFactory, Route
 from mailplat.maildir import MaildirAgent, deliver_file, unique_name
+from mailplat.replies import Reply
 from mailplat.queue import StoredMessage
 from mailplat.testing import run_synchronously
 
@@ -115,7 +116,7 @@ class MaildirAgentTests(Helpers, SynchronousTestCase):
     def setUp(self) -> None:
         self.agent = MaildirAgent("mx.example.com", Clock(), runInThread=run_synchronously)
 
-    def deliver(self, message: StoredMessage, *maildirs: str) -> dict[str, object]:
+    def deliver(self, message: StoredMessage, *maildirs: str) -> dict[str, Reply]:
         return self.successResultOf(self.agent.deliver(message, self.pairs(*maildirs)))
 
     def test_provides_interface(self) -> None:

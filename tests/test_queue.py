@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
-from twisted.logger import Logger, formatEvent
+from twisted.logger import ILogObserver, Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -38,7 +38,8 @@ class QueueTestCase(SynchronousTestCase):
         self.agent = RecordingAgent()
         self.router = StaticRouter({"@example.com": route()})
         self.events: list[dict[str, Any]] = []
-        self.patch(mailplat.queue, "log", Logger(observer=self.events.append))
+        observer = cast(ILogObserver, self.events.append)
+        self.patch(mailplat.queue, "log", Logger(observer=observer))
         self.queue = QueueManager(
             self.store, self.router, {"recording": self.agent}, self.clock, retry_delay=300.0
         )
@@ -90,7 +91,8 @@ class DeliveryTests(QueueTestCase):
         env = self.submit("b@example.com", "c@example.com")
         [delivery] = self.agent.deliveries
         self.assertEqual(delivery.data, DATA)
-        self.assertEqual([r.address for r, _ in delivery.recipients], ["b@example.com", "c@example.com"])
+        addresses = [r.address for r, _ in delivery.recipients]
+        self.assertEqual(addresses, ["b@example.com", "c@example.com"])
         self.assertRaises(FileNotFoundError, self.state_of, env.queue_id)
         self.assertFalse(os.path.exists(self.store.data_path(env.queue_id)))
 
@@ -116,7 +118,9 @@ class DeliveryTests(QueueTestCase):
         self.assertEqual(len(self.agent.deliveries), 1)
         self.agent.replies = None
         self.clock.advance(1)
-        self.assertEqual(self.agent.delivered_to, ["b@example.com", "c@example.com", "c@example.com"])
+        self.assertEqual(
+            self.agent.delivered_to, ["b@example.com", "c@example.com", "c@example.com"]
+        )
         self.assertRaises(FileNotFoundError, self.state_of, env.queue_id)
 
     def test_router_refusal_bounces_without_agent(self) -> None:
@@ -205,7 +209,12 @@ class DeliveryTests(QueueTestCase):
         """A message with an attempt in flight is not started again by a flush."""
         slow: Deferred[dict[str, Reply]] = Deferred()
         calls: list[object] = []
-        self.patch(self.agent, "deliver", lambda message, recipients: calls.append(1) or slow)
+
+        def deliver(message: object, recipients: object) -> Deferred[dict[str, Reply]]:
+            calls.append(message)
+            return slow
+
+        self.patch(self.agent, "deliver", deliver)
         env = self.put(INCOMING, "b@example.com")
         self.queue.startService()
         d = self.queue.submit(env)

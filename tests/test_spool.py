@@ -25,7 +25,10 @@ SESSION = SessionInfo(peer_host="192.0.2.1", peer_port=4321, helo="client.exampl
 def transaction() -> Transaction:
     return Transaction(
         sender="alice@example.org",
-        recipients=[Recipient("bob@example.com"), Recipient("carol@example.com", notify=("NEVER",))],
+        recipients=[
+            Recipient("bob@example.com"),
+            Recipient("carol@example.com", notify=("NEVER",)),
+        ],
         body="8BITMIME",
         envid="ENV1",
         ret="HDRS",
@@ -205,6 +208,14 @@ class FailureTests(SpoolTestMixin, SynchronousTestCase):
         message.write(b"partial")
         message.abort()
         self.assertNothingQueued()
+
+    def test_second_finish_does_not_undo_the_commit(self) -> None:
+        """Calling finish again answers 451 and leaves the committed message alone."""
+        message = self.spool.begin(SESSION, transaction())
+        self.assertEqual(self.successResultOf(message.finish(transaction()))[0].code, 250)
+        self.assertEqual(self.successResultOf(message.finish(transaction())), [LOCAL_ERROR])
+        message.abort()
+        self.assertEqual(self.store.list_ids(INCOMING), [message.queue_id])
 
     def test_lmtp_gets_one_reply_per_recipient(self) -> None:
         """An LMTP session gets one reply per recipient after the data."""

@@ -121,7 +121,9 @@ class QueueStoreTests(SynchronousTestCase):
         """The rename into the state dir happens after the file is written and fsync'd in a
         thread, and the Deferred fires only once the state directory has been synced."""
         threads, syncer = ManualThreads(), FakeSyncer()
-        store = QueueStore(self.mktemp(), syncer=syncer, runInThread=threads)  # type: ignore[arg-type]
+        store = QueueStore(
+            self.mktemp(), syncer=syncer, runInThread=threads  # type: ignore[arg-type]
+        )
         d = store.write_envelope(envelope("ABC"), INCOMING, also_sync=[store.data_dir])
         self.assertEqual(store.list_ids(INCOMING), [])
         threads.run_next()
