@@ -347,6 +347,7 @@ class ESMTPFactory(Factory):
     """Builds sessions of one listener, all sharing its policy, sink and settings."""
 
     protocol = ESMTPSession
+    noisy = False
 
     def __init__(
         self,

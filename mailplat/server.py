@@ -1,0 +1,74 @@
+"""Assembles one running server from a Config: the queue, the agents and every listener.
+
+There is exactly one QueueStore, one Spool and one QueueManager; each listener only chooses a
+session class and settings (its profile) and shares them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.logger import Logger
+from twisted.plugin import getPlugins
+
+import mailplat.plugins
+from mailplat.config import Config
+from mailplat.groupsync import GroupSyncer
+from mailplat.interfaces import AgentContext, IDeliveryAgent, IDeliveryAgentFactory
+from mailplat.listeners import build_factory
+from mailplat.policy import DefaultPolicy, PolicyChain
+from mailplat.queue import QueueManager
+from mailplat.routing import LocalRouter
+from mailplat.spool import Spool
+from mailplat.store import QueueStore
+
+log = Logger()
+
+
+def load_agents(config: Config, context: AgentContext) -> dict[str, IDeliveryAgent]:
+    """Every delivery agent plugin found in mailplat.plugins, built with its config section."""
+    sections = config.raw.get("agent", {})
+    agents: dict[str, IDeliveryAgent] = {}
+    for factory in getPlugins(IDeliveryAgentFactory, mailplat.plugins):
+        agents[factory.name] = factory.makeAgent(sections.get(factory.name, {}), context)
+    return agents
+
+
+class MailServer(MultiService):
+    """The top service; keeps references to the shared parts for tests and the CLI."""
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        os.makedirs(config.data_dir, exist_ok=True)
+        self.syncer = GroupSyncer(reactor)
+        self.store = QueueStore(config.queue_dir, syncer=self.syncer)
+        self.router = LocalRouter(config)
+        self.agents = load_agents(config, AgentContext(reactor=reactor, hostname=config.hostname))
+        self.queue = QueueManager(
+            self.store, self.router, self.agents, reactor,
+            retry_delay=config.retry_delay, max_lifetime=config.max_lifetime,
+        )
+        self.queue.setServiceParent(self)
+        self.spool = Spool(self.store, self.syncer, self.queue.submit, reactor)
+        self.policy = PolicyChain([DefaultPolicy(self.router, config.trusted_networks)])
+        self.listeners: dict[str, Any] = {}
+        for listener in config.listeners:
+            factory = build_factory(listener, self, reactor)
+            service = strports.service(listener.endpoint, factory, reactor=reactor)
+            service.setName(listener.name)
+            service.setServiceParent(self)
+            self.listeners[listener.name] = service
+
+    def startService(self) -> None:
+        super().startService()
+        for listener in self.config.listeners:
+            log.info("listener {name} ({profile}) on {endpoint}", name=listener.name,
+                     profile=listener.profile, endpoint=listener.endpoint)
+
+
+def build_server(config: Config, reactor: Any) -> MailServer:
+    return MailServer(config, reactor)
