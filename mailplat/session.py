@@ -307,6 +307,7 @@ class ESMTPSession(TransactionCommands, Protocol):
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
             "CHUNKING",
+            "DSN",
             *self.extra_keywords(),
             "HELP",
         ]

@@ -44,7 +44,8 @@ ALLOWED = {
 _BDAT_ARGS = re.compile(r"(\d{1,15})(?: +(LAST))?", re.IGNORECASE)
 NEED_UTF8 = R.Reply(553, "5.6.7", "UTF-8 address requires the SMTPUTF8 parameter")
 NO_RECIPIENTS = R.Reply(554, "5.5.1", "No valid recipients")
-BASE_MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8"})
+BASE_MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID"})
+BASE_RCPT_PARAMS = frozenset({"NOTIFY", "ORCPT"})
 
 
 class TransactionCommands(_Base):
@@ -79,7 +80,7 @@ class TransactionCommands(_Base):
         return BASE_MAIL_PARAMS if self.esmtp else frozenset()
 
     def rcpt_parameters_supported(self) -> frozenset[str]:
-        return frozenset()
+        return BASE_RCPT_PARAMS if self.esmtp else frozenset()
 
     # -- MAIL / RCPT ---------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ class GreetingTests(SynchronousTestCase):
         self.assertEqual(lines[0], b"250-mx.test Hello c.test [192.0.2.7]")
         keywords = {line[4:] for line in lines[1:]}
         self.assertEqual(keywords, {b"PIPELINING", b"SIZE 1000", b"8BITMIME",
-                                    b"ENHANCEDSTATUSCODES", b"SMTPUTF8", b"CHUNKING", b"HELP"})
+                                    b"ENHANCEDSTATUSCODES", b"SMTPUTF8", b"CHUNKING", b"DSN", b"HELP"})
         self.assertTrue(lines[-1].startswith(b"250 "))
 
     def test_helo(self) -> None:
@@ -313,6 +313,22 @@ class PipeliningTests(SynchronousTestCase):
                                  "250 2.1.0", "250 2.1.5", "250 2.0.0", "250 2.0.0", "221 2.0.0"])
         self.assertEqual(body_of(client, 0), b"Subject: x\r\n\r\n.a\r\nb\r\n")
         self.assertEqual(body_of(client, 1), b"ab\r\nc")
+
+
+class DSNParameterTests(SynchronousTestCase):
+    def test_dsn_parameters_stored(self) -> None:
+        """RET, ENVID, NOTIFY and ORCPT (RFC 3461) are accepted and kept with the transaction."""
+        client = Client()
+        client.take()
+        codes = client.codes(b"EHLO c\r\nMAIL FROM:<a@b.test> RET=HDRS ENVID=QQ+2B1\r\n"
+                             b"RCPT TO:<b@mx.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;b+40mx.test\r\n"
+                             b"DATA\r\nx\r\n.\r\n")
+        self.assertEqual(codes[-1], "250 2.0.0")
+        transaction = client.sink.messages[0].transaction
+        self.assertEqual((transaction.ret, transaction.envid), ("HDRS", "QQ+1"))
+        recipient = transaction.recipients[0]
+        self.assertEqual(recipient.notify, ("SUCCESS", "DELAY"))
+        self.assertEqual(recipient.orcpt, "rfc822;b@mx.test")
 
 
 class ChunkingTests(SynchronousTestCase):
