@@ -20,7 +20,7 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar, cast
 
 from mailplat.routing import POSTMASTER, local_part_problem
 
@@ -161,14 +161,14 @@ _SECONDS = {"": 1, "S": 1, "M": 60, "H": 3600, "D": 86400, "W": 604800}
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
 
-def _number(value: object) -> bool:
+def _number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def parse_size(value: object) -> int:
     """Bytes from an integer or a string like "10M" (K, M, G, T are powers of 1024)."""
-    if _number(value) and int(value) == value and value > 0:  # type: ignore[operator]
-        return int(value)  # type: ignore[arg-type]
+    if _number(value) and int(value) == value and value > 0:
+        return int(value)
     match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
     if match is None or int(match[1]) == 0:
         raise ValueError(f"{value!r} is not a size: use bytes or a string like \"10M\" or \"1G\"")
@@ -177,8 +177,8 @@ def parse_size(value: object) -> int:
 
 def parse_duration(value: object) -> float:
     """Seconds from a number or a string like "90s", "30m", "4h", "5d", "1w"."""
-    if _number(value) and value > 0:  # type: ignore[operator]
-        return float(value)  # type: ignore[arg-type]
+    if _number(value) and value > 0:
+        return float(value)
     match = _DURATION.fullmatch(value.strip()) if isinstance(value, str) else None
     if match is None or float(match[1]) == 0:
         raise ValueError(f"{value!r} is not a duration: use seconds or a string like \"30m\"")
@@ -192,9 +192,9 @@ def _text(value: object) -> str:
 
 
 def _count(value: object) -> int:
-    if not _number(value) or int(value) != value or value < 1:  # type: ignore[operator]
+    if not _number(value) or int(value) != value or value < 1:
         raise ValueError(f"{value!r} is not a positive integer")
-    return int(value)  # type: ignore[arg-type]
+    return int(value)
 
 
 def _flag(value: object) -> bool:
@@ -263,13 +263,13 @@ def endpoint_problem(description: str) -> str | None:
     from twisted.internet import endpoints
 
     try:
-        args, kwargs = endpoints._parse(description)  # type: ignore[attr-defined]
-        parser = endpoints._serverParsers.get(args[0])  # type: ignore[attr-defined]
+        args, kwargs = endpoints._parse(description)
+        parser = endpoints._serverParsers.get(args[0])
         if parser is None:  # a plugin type (tcp6, systemd, ...) or an unknown one
-            plugin = endpoints._parseServer(description, None)[0]  # type: ignore[attr-defined]
+            plugin = endpoints._parseServer(description, None)[0]
             parser = getattr(plugin, "_parseServer", None)
         if parser is not None:
-            bound = inspect.signature(parser).bind(None, *args[1:], **kwargs)
+            bound = inspect.signature(cast(Callable[..., Any], parser)).bind(None, *args[1:], **kwargs)
             return _endpoint_arguments(bound.arguments)
     except (ValueError, TypeError) as error:
         return f"{error}"
@@ -410,8 +410,10 @@ class _Checker:
         self.unknown(value, (name,), name)
         return value
 
-    def get(self, table: Mapping[str, Any], path: Path, key: str,
-            convert: Callable[[object], T], default: T) -> T:
+    def get(
+        self, table: Mapping[str, Any], path: Path, key: str,
+        convert: Callable[[object], T], default: T,
+    ) -> T:
         if key not in table:
             return default
         try:
@@ -462,7 +464,8 @@ def _listeners(raw: Mapping[str, Any], check: _Checker) -> tuple[ListenerConfig,
         if listener is None:
             continue
         if listener.name in first:
-            message = f"duplicate listener name {listener.name!r} (see listener[{first[listener.name]}])"
+            earlier = f"listener[{first[listener.name]}]"
+            message = f"duplicate listener name {listener.name!r} (see {earlier})"
             check.report(("listener", index, "name"), message)
         first.setdefault(listener.name, index)
         listeners.append(listener)
@@ -500,7 +503,9 @@ def _domains(raw: Mapping[str, Any], check: _Checker, root: str) -> dict[str, Do
     return domains
 
 
-def _domain(name: str, table: object, path: Path, check: _Checker, root: str) -> DomainConfig | None:
+def _domain(
+    name: str, table: object, path: Path, check: _Checker, root: str
+) -> DomainConfig | None:
     if not isinstance(table, dict):
         check.report(path, "must be a table")
         return None
@@ -510,14 +515,13 @@ def _domain(name: str, table: object, path: Path, check: _Checker, root: str) ->
     except ValueError as error:
         check.report(path, str(error))
         return None
-    listed = table.get("users") if isinstance(table.get("users"), list) else []
     users = check.get(table, path, "users", _users, None)
     catch_all = check.get(table, path, "catch_all", _flag, False)
     if catch_all and "users" in table:
         check.report(path, "set users = [...] or catch_all = true, not both")
     elif not catch_all and "users" not in table:
         check.report(path, "set users = [...] or catch_all = true")
-    postmaster = _postmaster(table, path, check, users, listed)
+    postmaster = _postmaster(table, path, check, users)
     return DomainConfig(
         name=name,
         users=None if catch_all else (users or frozenset()),
@@ -527,8 +531,9 @@ def _domain(name: str, table: object, path: Path, check: _Checker, root: str) ->
     )
 
 
-def _postmaster(table: Mapping[str, Any], path: Path, check: _Checker,
-                users: frozenset[str] | None, listed: list[Any]) -> str:
+def _postmaster(
+    table: Mapping[str, Any], path: Path, check: _Checker, users: frozenset[str] | None
+) -> str:
     """Whose Maildir gets postmaster@ mail: RFC 5321 §4.5.1 says postmaster must always exist."""
     if "postmaster" in table:
         chosen = check.get(table, path, "postmaster", _text, POSTMASTER).lower()
@@ -537,7 +542,7 @@ def _postmaster(table: Mapping[str, Any], path: Path, check: _Checker,
         return chosen
     if users is None or POSTMASTER in users or not users:
         return POSTMASTER
-    return str(listed[0]).lower()
+    return str(table["users"][0]).lower()  # users parsed, so this is the first name listed
 
 
 # ------------------------------------------------------------------------------------ loading

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.defer import TimeoutError as HookTimeout
@@ -139,8 +139,8 @@ class PolicyChain:
         if self._clock is None:
             from twisted.internet import reactor
 
-            self._clock = reactor  # type: ignore[assignment]
-        return self._clock  # type: ignore[return-value]
+            self._clock = cast(IReactorTime, reactor)
+        return self._clock
 
     def _run(self, hook: str, *args: Any) -> Deferred[Verdict]:
         """Ask each policy in turn, stopping at the first verdict that is not CONTINUE."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -64,7 +65,7 @@ class ParserTests(SynchronousTestCase):
 
     def test_subcommand_required(self) -> None:
         """Running ``mailplat`` without a subcommand is a usage error (status 2)."""
-        self.patch(cli.sys, "stderr", io.StringIO())
+        self.patch(sys, "stderr", io.StringIO())
         with self.assertRaises(SystemExit) as raised:
             cli.main([])
         self.assertEqual(raised.exception.code, 2)
