@@ -429,6 +429,24 @@ class LocatorTests(SynchronousTestCase):
         self.assertEqual(locator.line(("listener", 1, "missing")), 7)
         self.assertIsNone(locator.line(("nowhere",)))
 
+    @given(st.lists(st.tuples(st.sampled_from(["", "# note", "[queue]", "[limits]"]),
+                              st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True)),
+                    min_size=1, max_size=8, unique_by=lambda item: item[1]))
+    def test_unknown_keys_located(self, lines: list[tuple[str, str]]) -> None:
+        """Whatever the layout, each unknown key is reported at the line that sets it."""
+        text, expected, table, seen = "", {}, "", set()
+        for number, (prefix, key) in enumerate(lines):
+            key = f"zz{key}"  # never a known key
+            if prefix in seen:  # a table may be opened only once
+                prefix = ""
+            seen.add(prefix)
+            table = prefix[1:-1] if prefix.startswith("[") else table
+            text += f"{prefix}\n{key} = 1\n"
+            expected[f"{table}.{key}" if table else key] = 2 * number + 2
+        found = problems(text + MINIMAL.replace("[[listener]]", "\n[[listener]]"))
+        located = {p.key: p.line for p in found if p.message == "unknown key"}
+        self.assertEqual(located, expected)
+
     def test_multiline_strings_skipped(self) -> None:
         """Text inside multi-line strings is not mistaken for keys."""
         locator = config.Locator('a = """\nb = 1\n"""\nb = 2\n')
