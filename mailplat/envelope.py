@@ -31,6 +31,7 @@ class SessionInfo:
     tls: bool = False
     auth_user: str | None = None
     listener: str = ""
+    session_id: str = ""  # unique per connection in this process; keys the hooks' notes
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Recipient:
     last_reply: str | None = None
     agent: str | None = None
     history: tuple[str, ...] = ()
+    dsn: str | None = None  # a DSN action ("failed", "delivered", ...) still owed to the sender
 
     @property
     def finished(self) -> bool:
@@ -67,6 +69,9 @@ class Envelope:
     ret: str | None = None  # "FULL" / "HDRS"
     session: SessionInfo = field(default_factory=SessionInfo)
     delay_notified: bool = False
+    # Header fields added by policy hooks at the end of data; agents see them ahead of the
+    # stored bytes through IStoredMessage.open() (the data file is never rewritten).
+    add_headers: tuple[str, ...] = ()
 
     @property
     def finished(self) -> bool:
@@ -88,6 +93,7 @@ class Envelope:
         raw = {k: v for k, v in raw.items() if k in known}
         raw["recipients"] = tuple(_recipient(r) for r in raw["recipients"])
         raw["session"] = SessionInfo(**raw.get("session", {}))
+        raw["add_headers"] = tuple(raw.get("add_headers", ()))
         return cls(**raw)
 
 
@@ -111,3 +117,7 @@ class Transaction:
     envid: str | None = None
     ret: str | None = None
     auth: str | None = None
+    add_headers: list[str] = field(default_factory=list)  # from the data hook's verdict
+    # The IIncomingMessage being written (set at the start of data), so that the data hook
+    # can read the whole message through its open(), e.g. to check a DKIM body hash.
+    message: Any = field(default=None, repr=False, compare=False)

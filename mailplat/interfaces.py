@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from zope.interface import Attribute, Interface
 
@@ -27,10 +28,15 @@ class Action(Enum):
 
 @dataclass(frozen=True)
 class Verdict:
-    """A hook's answer; ``reply`` overrides the default reply for that action."""
+    """A hook's answer; ``reply`` overrides the default reply for that action.
+
+    ``add_headers`` (data hook only) are header fields ("Name: value", no line ending) that are
+    prepended to the message when it is delivered; the body is never rewritten.
+    """
 
     action: Action
     reply: Reply | None = None
+    add_headers: tuple[str, ...] = ()
 
 
 CONTINUE = Verdict(Action.CONTINUE)
@@ -92,6 +98,9 @@ class IIncomingMessage(Interface):
     def abort():  # type: ignore[no-untyped-def]
         """The transaction was abandoned; discard what was written."""
 
+    def open():  # type: ignore[no-untyped-def]
+        """A binary file over the bytes written so far (read by the data hook before finish)."""
+
 
 class IMessageSink(Interface):
     """Where a session hands finished transactions: the queue, or LMTP's direct delivery."""
@@ -127,6 +136,60 @@ class IDeliveryAgentFactory(Interface):
 
     def makeAgent(config, context):  # type: ignore[no-untyped-def]
         """Return an IDeliveryAgent for this config (a dict) and context (mailplat.context)."""
+
+
+class IPolicyPluginFactory(Interface):
+    """A plugin that builds a policy (an IPolicy) from its ``[plugin.NAME]`` config section.
+
+    The policy may also provide IQueueObserver and IDisconnectHook; see docs/plugins.rst.
+    """
+
+    name = Attribute("The plugin's name, as used in [plugins] order and [plugin.NAME].")
+
+    def makePolicy(config, context):  # type: ignore[no-untyped-def]
+        """Return the policy for this config (a dict) and context (a PluginContext)."""
+
+    def checkConfig(config):  # type: ignore[no-untyped-def]
+        """Yield (key, message) for each problem in this plugin's config section (a dict)."""
+
+
+class IQueueObserver(Interface):
+    """Told about queue events; the return value (None or a Deferred) is not waited for."""
+
+    def queued(envelope):  # type: ignore[no-untyped-def]
+        """A message was committed to the queue."""
+
+    def delivered(envelope, recipient, reply):  # type: ignore[no-untyped-def]
+        """A recipient (envelope.Recipient) was delivered; reply is the agent's Reply."""
+
+    def deferred(envelope, recipient, reply):  # type: ignore[no-untyped-def]
+        """A delivery attempt to a recipient failed temporarily and will be retried."""
+
+    def bounced(envelope, recipient, reply):  # type: ignore[no-untyped-def]
+        """A recipient failed permanently (or expired in the queue)."""
+
+
+class IDisconnectHook(Interface):
+    """A policy that wants to know when a session ends (to free per-connection state)."""
+
+    def disconnect(session):  # type: ignore[no-untyped-def]
+        """The client's connection is gone (SessionInfo); the return value is ignored."""
+
+
+@dataclass(frozen=True)
+class PluginContext:
+    """What every policy plugin may need from the server around it.
+
+    ``resolver`` is a twisted.names IResolver; ``run_in_thread(f, *args)`` returns a Deferred
+    and runs ``f`` on a bounded thread pool, for library calls that block or burn CPU.
+    """
+
+    reactor: Any
+    hostname: str
+    data_dir: str
+    resolver: Any
+    run_in_thread: Any
+    trusted_networks: tuple[str, ...] = ()
 
 
 class SpoolError(Exception):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -94,6 +95,15 @@ class DefaultPolicy:
         return bool(session.auth_user) or in_networks(session.peer_host, self.trusted)
 
 
+@dataclass(frozen=True)
+class Guard:
+    """How the chain treats one policy that is late or fails (set per plugin in the config)."""
+
+    name: str = ""
+    timeout: float | None = None  # None: the chain's own timeout
+    on_error: Action = Action.TEMPFAIL  # TEMPFAIL answers 451; CONTINUE skips the policy
+
+
 @implementer(IPolicy)
 class PolicyChain:
     """Runs policies in order; the first verdict other than CONTINUE answers for the chain.
@@ -109,10 +119,12 @@ class PolicyChain:
         policies: Iterable[IPolicy],
         timeout: float = 30.0,
         clock: IReactorTime | None = None,
+        guards: Sequence[Guard] = (),
     ) -> None:
         self.policies = tuple(policies)
         self.timeout = timeout
         self._clock = clock
+        self.guards = tuple(guards) + (Guard(),) * (len(self.policies) - len(guards))
 
     def connect(self, session: SessionInfo) -> Deferred[Verdict]:
         return self._run("connect", session)
@@ -143,23 +155,32 @@ class PolicyChain:
         return self._clock
 
     def _run(self, hook: str, *args: Any) -> Deferred[Verdict]:
-        """Ask each policy in turn, stopping at the first verdict that is not CONTINUE."""
-        pending = list(self.policies)
+        """Ask each policy in turn, stopping at the first verdict that is not CONTINUE.
+
+        Header fields added by every policy asked are collected into the final verdict.
+        """
+        pending = list(zip(self.policies, self.guards))
+        added: list[str] = []
 
         def next_policy(verdict: Verdict) -> Verdict | Deferred[Verdict]:
+            added.extend(verdict.add_headers)
             if verdict.action is not Action.CONTINUE or not pending:
-                return verdict
-            return self._call(pending.pop(0), hook, args).addCallback(next_policy)
+                return replace(verdict, add_headers=tuple(added)) if added else verdict
+            policy, guard = pending.pop(0)
+            return self._call(policy, hook, args, guard).addCallback(next_policy)
 
         return succeed(CONTINUE).addCallback(next_policy)
 
-    def _call(self, policy: IPolicy, hook: str, args: tuple[Any, ...]) -> Deferred[Verdict]:
+    def _call(
+        self, policy: IPolicy, hook: str, args: tuple[Any, ...], guard: Guard = Guard()
+    ) -> Deferred[Verdict]:
         """One hook call, guarded by the timeout and turned into a verdict whatever happens."""
         method: Callable[..., Deferred[Verdict]] = getattr(policy, hook)
         result: Deferred[Verdict] = maybeDeferred(method, *args)
-        result.addTimeout(self.timeout, self.clock)
+        timeout = self.timeout if guard.timeout is None else guard.timeout
+        result.addTimeout(timeout, self.clock)
         return result.addCallback(self._checked, policy, hook).addErrback(
-            self._failed, policy, hook
+            self._failed, policy, hook, guard, timeout
         )
 
     def _checked(self, verdict: object, policy: IPolicy, hook: str) -> Verdict:
@@ -167,14 +188,21 @@ class PolicyChain:
             raise TypeError(f"{policy!r}.{hook} answered {verdict!r}, not a Verdict")
         return verdict
 
-    def _failed(self, failure: Failure, policy: IPolicy, hook: str) -> Verdict:
+    def _failed(
+        self, failure: Failure, policy: IPolicy, hook: str, guard: Guard, timeout: float
+    ) -> Verdict:
+        """Log, then answer as the guard says: 451 (the default) or skip this policy."""
         if failure.check(HookTimeout):
             self.log.warn(
                 "Policy hook {hook} of {policy!r} timed out after {timeout}s",
-                hook=hook, policy=policy, timeout=self.timeout,
+                hook=hook, policy=policy, timeout=timeout,
             )
-            return Verdict(Action.TEMPFAIL, POLICY_TIMEOUT)
-        self.log.failure(
-            "Policy hook {hook} of {policy!r} failed", failure, hook=hook, policy=policy
-        )
-        return Verdict(Action.TEMPFAIL, LOCAL_ERROR)
+            reply = POLICY_TIMEOUT
+        else:
+            self.log.failure(
+                "Policy hook {hook} of {policy!r} failed", failure, hook=hook, policy=policy
+            )
+            reply = LOCAL_ERROR
+        if guard.on_error is Action.CONTINUE:
+            return CONTINUE
+        return Verdict(Action.TEMPFAIL, reply)

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailplat.addheaders import prefixed
 from mailplat.envelope import BOUNCED, DELIVERED, Envelope, Recipient
 from mailplat.envelope import DEFERRED as RCPT_DEFERRED
 from mailplat.envelope import PENDING
@@ -46,10 +47,13 @@ class StoredMessage:
 
     def __init__(self, envelope: Envelope, path: str) -> None:
         self.envelope = envelope
-        self.path = path  # not in IStoredMessage; agents may use it to link or sendfile
+        # Not in IStoredMessage: the stored bytes only, without envelope.add_headers, so an
+        # agent may link or sendfile it only when that tuple is empty.
+        self.path = path
 
     def open(self) -> IO[bytes]:
-        return open(self.path, "rb")
+        """The message as delivered: fields added by hooks, then the stored bytes."""
+        return prefixed(self.envelope.add_headers, open(self.path, "rb"))
 
 
 def mailbox_of(address: str) -> Any:
@@ -93,6 +97,7 @@ class QueueManager(Service):
         self.random = random.Random()
         self._timers: dict[str, IDelayedCall] = {}
         self._busy: set[str] = set()  # queue ids with an attempt in flight
+        self.observers: list[Any] = []  # IQueueObservers (plugins), told about every event
 
     # -- service lifecycle ------------------------------------------------------------------
 
@@ -173,6 +178,7 @@ class QueueManager(Service):
             log.failure("{qid}: cannot activate", qid=envelope.queue_id)
             self._schedule(envelope.queue_id, self.reactor.seconds() + self.retry_delay)
             return succeed(None)
+        self._notify("queued", envelope)
         return self._attempt(envelope)
 
     def hold(self, qid: str) -> bool:
@@ -297,12 +303,19 @@ class QueueManager(Service):
             )
             if state == BOUNCED:
                 bounced.append(envelope.recipients[index])
+            self._notify(_EVENTS[status], envelope, envelope.recipients[index], reply)
             log.info(
                 "{qid}: to=<{addr}>, agent={agent}, delay={delay:.2f}, status={status} ({reply})",
                 qid=envelope.queue_id, addr=recipient.address, agent=agent,
                 delay=now - envelope.received_at, status=status, reply=str(reply),
             )
         return envelope, bounced
+
+    def _notify(self, event: str, *args: Any) -> None:
+        """Tell observers; they cannot change the outcome, and their failures are only logged."""
+        for observer in self.observers:
+            d = maybeDeferred(getattr(observer, event), *args)
+            d.addErrback(lambda f, o=observer: log.failure("{o!r}.{e} failed", f, o=o, e=event))
 
     def _bounced(self, envelope: Envelope, recipients: list[Recipient]) -> "Deferred[None] | None":
         """The one place where permanent failures turn into DSNs (delivered later); the
@@ -332,6 +345,9 @@ def _is_due(recipient: Recipient, now: float) -> bool:
     if recipient.state == PENDING:
         return True
     return recipient.state == RCPT_DEFERRED and (recipient.next_attempt or 0.0) <= now
+
+
+_EVENTS = {"sent": "delivered", "deferred": "deferred", "bounced": "bounced"}
 
 
 def _outcome(reply: Reply, expired: bool) -> tuple[str, str]:

@@ -9,6 +9,7 @@ EHLO keywords through ``extra_keywords``.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, replace
 from typing import Any
@@ -21,7 +22,9 @@ from twisted.logger import Logger
 from mailplat import replies as R
 from mailplat.datadecoder import ChunkReader, DotDecoder, LineChecker
 from mailplat.envelope import SessionInfo
-from mailplat.interfaces import Action, IMessageSink, IPolicy, SpoolError, Verdict
+from mailplat.interfaces import (
+    Action, IDisconnectHook, IMessageSink, IPolicy, SpoolError, Verdict,
+)
 from mailplat.reception import Reception
 from mailplat.transaction import TransactionCommands
 
@@ -33,6 +36,7 @@ PARAMETER_LINE_LIMIT = 512 + 100 + 8 + 500 + 500
 _VERB = re.compile(r"[A-Za-z]{1,16}")
 _BAD_COMMAND_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _PAUSE_ABOVE = 1024 * 1024
+_session_ids = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,10 @@ class ESMTPSession(TransactionCommands, Protocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         host = getattr(peer, "host", "") or ""
-        self.info = replace(self.info, peer_host=host, peer_port=getattr(peer, "port", 0) or 0)
+        self.info = replace(
+            self.info, peer_host=host, peer_port=getattr(peer, "port", 0) or 0,
+            session_id=f"S{next(_session_ids)}",
+        )
         self._arm_timer()
         greeting = R.Reply(220, None, f"{self.settings.hostname} {self.banner_protocol} mailplat")
         d = maybeDeferred(self.policy.connect, self.info)
@@ -98,6 +105,11 @@ class ESMTPSession(TransactionCommands, Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self.abandon_message()
+        hook = IDisconnectHook(self.policy, None)
+        if hook is not None:  # per-connection state in plugins (rate limits, notes) ends here
+            maybeDeferred(hook.disconnect, self.info).addErrback(
+                lambda f: log.failure("disconnect hook failed", f)
+            )
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:

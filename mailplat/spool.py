@@ -122,12 +122,14 @@ class IncomingMessage:
 
     def _envelope(self) -> Envelope:
         t = self._transaction
+        added = tuple(t.add_headers)
         return Envelope(
             queue_id=self.queue_id,
             sender=t.sender,
             recipients=tuple(t.recipients),
             received_at=self._spool.reactor.seconds(),
-            size=self.size,
+            size=self.size + sum(len(h.encode("utf-8")) + 2 for h in added),
+            add_headers=added,
             body=t.body,
             smtputf8=t.smtputf8,
             envid=t.envid,
@@ -160,6 +162,11 @@ class IncomingMessage:
         if self._session.protocol.upper().startswith("LMTP"):
             return max(1, len(self._transaction.recipients))
         return 1
+
+    def open(self) -> IO[bytes]:
+        """Read back what was written so far (for the data hook, before finish)."""
+        self._data.flush()
+        return open(self._spool.store.data_path(self.queue_id), "rb")
 
     def abort(self) -> None:
         """Discard the message; too late once finish began (the commit cannot be recalled)."""

@@ -10,10 +10,11 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from zope.interface import implementer
@@ -174,6 +175,10 @@ class MemoryMessage:
         data = b"".join(self._chunks)
         self._sink.messages.append(SinkMessage(self._session, transaction, data, self.queue_id))
         return succeed([Reply(250, "2.0.0", f"Ok: queued as {self.queue_id}")] * max(1, count))
+
+    def open(self) -> IO[bytes]:
+        """What was written so far, as the data hook may read it back."""
+        return io.BytesIO(b"".join(self._chunks))
 
     def abort(self) -> None:
         self._sink.aborted.append(self.queue_id)

@@ -154,6 +154,7 @@ class TransactionCommands(_Base):
             incoming = self.sink.begin(self.info, transaction)
         except SpoolError as e:
             return e.reply
+        transaction.message = incoming  # the data hook may read the message back
         try:
             incoming.write(received_header(
                 self.info, self.settings.hostname, incoming.queue_id,
@@ -229,6 +230,7 @@ class TransactionCommands(_Base):
         if verdict.action not in (Action.CONTINUE, Action.ACCEPT):
             reception.incoming.abort()
             return self._per_recipient(self.verdict_reply(verdict, R.OK), transaction)
+        transaction.add_headers.extend(verdict.add_headers)
         d: Deferred[Any] = reception.incoming.finish(transaction)
         return d.addCallback(self._final_replies)
 
