@@ -154,7 +154,6 @@ class IncomingMessage:
         """Undo whatever reached the disk: the client was not told 250 and will retry."""
         log.failure("{qid}: commit failed", failure, qid=self.queue_id)
         self._discard()
-        self._spool.store.remove(self.queue_id)
         return [error_reply(failure.value)] * self._reply_count()
 
     def _reply_count(self) -> int:
@@ -180,7 +179,12 @@ class IncomingMessage:
             self._data.close()
         except OSError:
             pass  # a buffered write failing again on close changes nothing: we delete it
-        self._spool.store.remove(self.queue_id)
+        try:
+            self._spool.store.remove(self.queue_id)
+        except OSError as e:
+            # Never fatal: the client still gets its 4xx; recovery deletes what is left.
+            log.error("{qid}: cannot remove discarded message: {error}", qid=self.queue_id,
+                      error=e)
 
 
 def _fsync_and_close(data: IO[bytes]) -> None:

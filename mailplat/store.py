@@ -174,9 +174,11 @@ class QueueStore:
 
 
 def _unlink_quietly(path: str) -> None:
+    """Remove a file that may be gone; ENOTDIR too means no file can be there (its directory
+    was replaced by a file), and must not stop the caller from removing the rest."""
     try:
         os.unlink(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         pass
 
 

@@ -202,6 +202,19 @@ class FailureTests(SpoolTestMixin, SynchronousTestCase):
         self.assertNothingQueued()
         self.flushLoggedErrors(OSError)
 
+    def test_commit_failure_with_failing_cleanup_still_451(self) -> None:
+        """When removing the failed message fails too, the client still gets 451 4.3.0 and
+        both errors are logged; nothing is raised into the session."""
+
+        def broken(*args: object) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        message = self.spool.begin(SESSION, transaction())
+        self.patch(self.store, "_write_envelope_file", broken)
+        self.patch(self.store, "remove", broken)
+        self.assertEqual(self.successResultOf(message.finish(transaction())), [LOCAL_ERROR])
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
     def test_abort_removes_data(self) -> None:
         """An abandoned transaction leaves no file behind."""
         message = self.spool.begin(SESSION, transaction())

@@ -164,6 +164,17 @@ class QueueStoreTests(SynchronousTestCase):
         self.assertEqual(self.store.list_ids(ACTIVE), [])
         self.assertFalse(os.path.exists(self.store.data_path("ABC")))
 
+    def test_remove_with_a_state_directory_replaced_by_a_file(self) -> None:
+        """remove() still deletes the data when a state directory is not a directory (ENOTDIR
+        means no envelope can be there)."""
+        with self.store.open_data_for_write("ABC") as f:
+            f.write(b"hello\r\n")
+        incoming = self.store.state_dir(INCOMING)
+        os.rmdir(incoming)
+        open(incoming, "w").close()
+        self.store.remove("ABC")
+        self.assertFalse(os.path.exists(self.store.data_path("ABC")))
+
     def test_list_ids_oldest_first(self) -> None:
         """list_ids returns queue ids in creation order and ignores stray files."""
         ids = [self.store.new_queue_id() for _ in range(3)]
