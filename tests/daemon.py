@@ -21,7 +21,8 @@ API, all of it:
     {"message_size": "60M"}}``, ``{"tls": {...}}``); ``extra_toml`` is raw TOML appended at
     the end (so it must start with a table header and not repeat a generated table).
 ``start(timeout)``, ``stop(timeout)`` (SIGTERM, then wait), ``kill()`` (SIGKILL, no cleanup),
-``restart()``; ``Daemon.started(testcase, ...)`` builds, starts and registers a cleanup.
+``restart()``; ``Daemon.started(testcase, ...)`` builds, starts and registers a cleanup;
+``in_process(testcase)`` serves the same config from a ``MailServer`` in the test's process.
 Attributes: ``port`` (the first listener's), ``ports``, ``workdir``, ``data_dir``,
 ``queue_dir``, ``maildir_root``, ``config_path``, ``log_path``; ``log()`` returns the log
 text; ``maildir(user, domain)`` is a user's ``new/``; ``queue_files()`` lists what is left
@@ -238,6 +239,19 @@ class Daemon:
         testcase.addCleanup(daemon.kill)
         daemon.start()
         return daemon
+
+    def in_process(self, testcase: Any) -> Any:
+        """The same config served by a ``MailServer`` in this process on the global reactor
+        (for trial ``TestCase``s: faster than a subprocess); stopped in the cleanup."""
+        from twisted.internet import reactor
+
+        from mailplat.config import load_config
+        from mailplat.server import MailServer
+
+        server = MailServer(load_config(self.config_path), reactor)
+        server.startService()
+        testcase.addCleanup(server.stopService)
+        return server
 
     @property
     def port(self) -> int:
