@@ -139,10 +139,17 @@ def register_check(check: Check) -> None:
         _CHECKS.append(check)
 
 
+# Core modules that own config sections ([tls], [auth]); each has ``register_config()``, run
+# before every load (not only at import) so their keys and checks are always in place.
+CORE_SECTIONS = ("mailplat.tls", "mailplat.listener_security")
+
+
 def _import_plugins() -> list[Problem]:
     """Import every module of ``mailplat.plugins`` so each can register its config keys."""
     import mailplat.plugins
 
+    for name in CORE_SECTIONS:
+        importlib.import_module(name).register_config()
     problems = []
     for module in pkgutil.iter_modules(mailplat.plugins.__path__, "mailplat.plugins."):
         try:

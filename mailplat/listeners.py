@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from twisted.internet.protocol import Factory
 
 from mailplat.config import Config, ListenerConfig
+from mailplat.listener_security import relay_profile, submission_profile, submissions_profile
 from mailplat.session import ESMTPFactory, ESMTPSession, SessionSettings
 
 if TYPE_CHECKING:
@@ -37,7 +38,9 @@ def relay_factory(listener: ListenerConfig, server: "MailServer", reactor: Any) 
 
 ProfileBuilder = Callable[[ListenerConfig, "MailServer", Any], Factory]
 PROFILES: dict[str, ProfileBuilder] = {
-    "relay": relay_factory,
+    "relay": relay_profile,
+    "submission": submission_profile,
+    "submissions": submissions_profile,
 }
 
 

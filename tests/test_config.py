@@ -74,14 +74,15 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(parse_config(MINIMAL).hostname, socket.getfqdn())
 
     def test_embedded_default(self) -> None:
-        """The embedded default listens on loopback 2525 and takes any localhost mailbox."""
+        """The embedded default listens on loopback 2525, 2587, 2465; takes any localhost mailbox."""
         default = load_config(None)
         self.assertEqual(default.source, EMBEDDED)
-        [listener] = default.listeners
-        self.assertEqual(
-            (listener.name, listener.endpoint, listener.profile),
+        listeners = [(one.name, one.endpoint, one.profile) for one in default.listeners]
+        self.assertEqual(listeners[:3], [
             ("smtp", "tcp:2525:interface=127.0.0.1", "relay"),
-        )
+            ("submission", "tcp:2587:interface=127.0.0.1", "submission"),
+            ("submissions", "tcp:2465:interface=127.0.0.1", "submissions"),
+        ])
         localhost = default.domains["localhost"]
         self.assertIsNone(localhost.users)
         expected = os.path.abspath(os.path.join("var", "mailplat", "mail", "localhost"))
@@ -394,18 +395,18 @@ class ExtensionTests(SynchronousTestCase):
 
     def test_registered_section(self) -> None:
         """A registered top-level section is accepted and left to its plugin."""
-        config.register_keys("", "tls")
-        self.assertEqual(parse_config(MINIMAL + "[tls]\nanything = 1\n").raw["tls"],
+        config.register_keys("", "example")
+        self.assertEqual(parse_config(MINIMAL + "[example]\nanything = 1\n").raw["example"],
                          {"anything": 1})
 
     def test_registered_check(self) -> None:
         """A registered check's problems are located like the core's."""
-        config.register_keys("", "tls")
-        config.register_check(lambda raw: [(("tls", "key"), "missing key file")]
-                               if "tls" in raw else [])
-        found = problems(MINIMAL + "[tls]\nkey = 1\n")
+        config.register_keys("", "example")
+        config.register_check(lambda raw: [(("example", "key"), "missing key file")]
+                               if "example" in raw else [])
+        found = problems(MINIMAL + "[example]\nkey = 1\n")
         self.assertEqual([(p.key, p.line, p.message) for p in found],
-                         [("tls.key", 9, "missing key file")])
+                         [("example.key", 9, "missing key file")])
 
     def test_failing_check(self) -> None:
         """A check that raises becomes a problem instead of a crash."""
