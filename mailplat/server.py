@@ -16,10 +16,13 @@ from twisted.plugin import getPlugins
 
 import mailplat.plugins
 from mailplat.config import Config
+from mailplat.control import control_service
+from mailplat.dsn import Notifier
 from mailplat.groupsync import GroupSyncer
 from mailplat.interfaces import AgentContext, IDeliveryAgent, IDeliveryAgentFactory
 from mailplat.listeners import build_factory
-from mailplat.policy import DefaultPolicy, PolicyChain
+from mailplat.hooks import PluginService, build_chain, load_plugins, make_context, observers
+from mailplat.policy import DefaultPolicy
 from mailplat.queue import QueueManager
 from mailplat.routing import LocalRouter
 from mailplat.spool import Spool
@@ -47,14 +50,27 @@ class MailServer(MultiService):
         self.syncer = GroupSyncer(reactor)
         self.store = QueueStore(config.queue_dir, syncer=self.syncer)
         self.router = LocalRouter(config)
-        self.agents = load_agents(config, AgentContext(reactor=reactor, hostname=config.hostname))
+        # Built before the queue so that agents which put mail back into it (list expansion)
+        # get the one spool; commits reach the queue once it exists.
+        self.spool = Spool(self.store, self.syncer, lambda e: self.queue.submit(e), reactor)
+        agent_context = AgentContext(
+            reactor=reactor, hostname=config.hostname, config=config, router=self.router,
+            sink=self.spool,
+        )
+        self.agents = load_agents(config, agent_context)
         self.queue = QueueManager(
             self.store, self.router, self.agents, reactor,
             retry_delay=config.retry_delay, max_lifetime=config.max_lifetime,
+            schedule=config.retry_schedule, limits=config.concurrency,
         )
         self.queue.setServiceParent(self)
-        self.spool = Spool(self.store, self.syncer, self.queue.submit, reactor)
-        self.policy = PolicyChain([DefaultPolicy(self.router, config.trusted_networks)])
+        # Policy plugins ([plugins] order) run after the routing/relay check; see hooks.py.
+        context, pool = make_context(config, reactor)
+        self.plugins = load_plugins(config.raw, context)
+        default = DefaultPolicy(self.router, config.trusted_networks)
+        self.policy = build_chain(default, self.plugins, context)
+        self.queue.observers.extend(observers(self.plugins))
+        PluginService(self.plugins, pool).setServiceParent(self)
         self.listeners: dict[str, Any] = {}
         for listener in config.listeners:
             factory = build_factory(listener, self, reactor)
@@ -62,6 +78,13 @@ class MailServer(MultiService):
             service.setName(listener.name)
             service.setServiceParent(self)
             self.listeners[listener.name] = service
+        # The queue sends DSNs through the spool, and obeys `mailplat queue` on its socket.
+        self.queue.notifier = Notifier(
+            self.spool, config.hostname, self.spool.runInThread, config.bounce_size_limit
+        )
+        control = control_service(self.queue, config.control_socket, reactor)
+        if control is not None:  # `mailplat queue` commands reach the running queue here
+            control.setServiceParent(self)
 
     def startService(self) -> None:
         super().startService()

@@ -1,0 +1,432 @@
+"""The public plugin API: finding policy plugins, ordering them from the config, and the
+notes, added headers and queue events they share.
+
+A plugin is an ``IPolicyPluginFactory`` found by ``twisted.plugin`` in ``mailplat.plugins``;
+``[plugins] order`` enables and orders them and ``[plugin.NAME]`` configures each. The policies
+run in one ``HookChain`` (a ``PolicyChain``): the built-in routing and relay check first, so no
+plugin can make the server an open relay or greylist a recipient that does not exist, then the
+plugins in configured order. See docs/plugins.rst.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.logger import Logger
+from twisted.plugin import getPlugins
+from zope.interface import implementer
+
+from mailplat import config as C
+from mailplat.addheaders import HeaderError, check_field
+from mailplat.envelope import SessionInfo, Transaction
+from mailplat.interfaces import (
+    CONTINUE,
+    Action,
+    IDisconnectHook,
+    IPolicy,
+    IPolicyPluginFactory,
+    IQueueObserver,
+    PluginContext,
+    Verdict,
+)
+from mailplat.policy import Guard, PolicyChain
+
+log = Logger()
+
+RESERVED = ("timeout", "on_error")  # keys of [plugin.NAME] that the chain itself reads
+ON_ERROR = {"tempfail": Action.TEMPFAIL, "continue": Action.CONTINUE}
+PLUGINS_KEYS = ("order", "timeout", "nameservers", "threads")
+
+
+# ------------------------------------------------------------------------------------- notes
+
+
+@dataclass
+class Notes:
+    """What hooks of one session leave for later hooks.
+
+    ``session`` lives as long as the connection; ``transaction`` is emptied when a new MAIL
+    command starts a transaction; ``results`` are authres result objects that become the
+    message's Authentication-Results header.
+    """
+
+    session: dict[str, Any] = field(default_factory=dict)
+    transaction: dict[str, Any] = field(default_factory=dict)
+    results: list[Any] = field(default_factory=list)
+
+    def new_transaction(self) -> None:
+        self.transaction = {}
+        self.results = []
+
+
+_notes: dict[str, Notes] = {}
+_anonymous = itertools.count(1)
+
+
+def notes(session: SessionInfo) -> Notes:
+    """The notes of ``session`` (keyed by its session_id, which the engine sets)."""
+    return _notes.setdefault(session.session_id, Notes())
+
+
+def forget(session: SessionInfo) -> None:
+    """Drop a finished session's notes."""
+    _notes.pop(session.session_id, None)
+
+
+def record_result(session: SessionInfo, result: Any) -> None:
+    """Add an authres result (SPF, DKIM, DMARC...) to this message's Authentication-Results."""
+    notes(session).results.append(result)
+
+
+def is_allowlisted(session: SessionInfo) -> bool:
+    """Set by the access plugin for clients in allow_clients: other checks may skip them."""
+    return bool(notes(session).session.get("allowlisted"))
+
+
+# ---------------------------------------------------------------------------- for authors
+
+
+@implementer(IPolicy, IDisconnectHook, IQueueObserver)
+class PolicyPlugin:
+    """A base class: every hook answers CONTINUE or does nothing; override what you need.
+
+    ``start``/``stop`` are called when the server starts and stops (return a Deferred to make
+    shutdown wait, e.g. for a state file to be written).
+    """
+
+    def connect(self, session: SessionInfo) -> Deferred[Verdict]:
+        return succeed(CONTINUE)
+
+    def helo(self, session: SessionInfo, name: str) -> Deferred[Verdict]:
+        return succeed(CONTINUE)
+
+    def mail(self, session: SessionInfo, sender: Any, params: Any) -> Deferred[Verdict]:
+        return succeed(CONTINUE)
+
+    def rcpt(
+        self, session: SessionInfo, transaction: Transaction, recipient: Any, params: Any
+    ) -> Deferred[Verdict]:
+        return succeed(CONTINUE)
+
+    def data(
+        self, session: SessionInfo, transaction: Transaction, headers: bytes
+    ) -> Deferred[Verdict]:
+        return succeed(CONTINUE)
+
+    def disconnect(self, session: SessionInfo) -> None:
+        return None
+
+    def queued(self, envelope: Any) -> None:
+        return None
+
+    def delivered(self, envelope: Any, recipient: Any, reply: Any) -> None:
+        return None
+
+    def deferred(self, envelope: Any, recipient: Any, reply: Any) -> None:
+        return None
+
+    def bounced(self, envelope: Any, recipient: Any, reply: Any) -> None:
+        return None
+
+    def start(self) -> Any:
+        return None
+
+    def stop(self) -> Any:
+        return None
+
+
+@implementer(IPolicy)
+class Mandatory:
+    """Runs a policy whose refusals stand but whose ACCEPT must not skip the plugins after it
+    (the routing and relay check)."""
+
+    def __init__(self, policy: IPolicy) -> None:
+        self.policy = policy
+
+    def __getattr__(self, hook: str) -> Any:
+        method = getattr(self.policy, hook)
+
+        def call(*args: Any) -> Deferred[Verdict]:
+            return maybeDeferred(method, *args).addCallback(_accept_as_continue)
+
+        return call
+
+    def __repr__(self) -> str:
+        return f"Mandatory({self.policy!r})"
+
+
+def _accept_as_continue(verdict: Verdict) -> Verdict:
+    return CONTINUE if verdict.action is Action.ACCEPT else verdict
+
+
+@implementer(IPolicy, IDisconnectHook)
+class HookChain(PolicyChain):
+    """The server's chain: notes per session and transaction, disconnect hooks, and one
+    Authentication-Results header from the results the plugins recorded."""
+
+    def __init__(self, policies: Iterable[IPolicy], *args: Any, authserv_id: str = "",
+                 **kwargs: Any) -> None:
+        super().__init__(policies, *args, **kwargs)
+        self.authserv_id = authserv_id
+
+    def mail(self, session: SessionInfo, sender: Any, params: Any) -> Deferred[Verdict]:
+        notes(session).new_transaction()
+        return super().mail(session, sender, params)
+
+    def data(
+        self, session: SessionInfo, transaction: Transaction, headers: bytes
+    ) -> Deferred[Verdict]:
+        return super().data(session, transaction, headers).addCallback(self._results, session)
+
+    def _results(self, verdict: Verdict, session: SessionInfo) -> Verdict:
+        results = notes(session).results
+        if not results or not self.authserv_id or verdict.action not in (
+            Action.CONTINUE, Action.ACCEPT
+        ):
+            return verdict
+        try:
+            field = authentication_results(self.authserv_id, results)
+        except (HeaderError, ValueError, TypeError):
+            log.failure("cannot format Authentication-Results")
+            return verdict
+        return Verdict(verdict.action, verdict.reply, (field, *verdict.add_headers))
+
+    def disconnect(self, session: SessionInfo) -> Deferred[Any]:
+        """Tell every plugin that wants to know, then forget the session's notes."""
+        calls = []
+        for policy in self.policies:
+            hook = IDisconnectHook(policy, None)
+            if hook is not None:
+                d = maybeDeferred(hook.disconnect, session)
+                calls.append(d.addErrback(lambda f, p=policy: log.failure("{p!r}", f, p=p)))
+        return DeferredList(calls).addBoth(lambda _: forget(session))
+
+
+def authentication_results(authserv_id: str, results: list[Any]) -> str:
+    """RFC 8601 header field, one result per folded line; built with the authres library."""
+    import authres
+
+    header = authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=results)
+    text = str(header).replace("; ", ";\r\n\t")
+    return check_field(text)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """One enabled plugin: its policy and how the chain guards it."""
+
+    name: str
+    policy: Any
+    guard: Guard
+
+
+def factories() -> dict[str, Any]:
+    """Every IPolicyPluginFactory in mailplat.plugins, by name."""
+    import mailplat.plugins
+
+    return {f.name: f for f in getPlugins(IPolicyPluginFactory, mailplat.plugins)}
+
+
+def plugin_sections(raw: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    """([plugins], [plugin]) tables of the raw config, empty when absent."""
+    plugins, sections = raw.get("plugins", {}), raw.get("plugin", {})
+    return (plugins if isinstance(plugins, dict) else {},
+            sections if isinstance(sections, dict) else {})
+
+
+def load_plugins(raw: Mapping[str, Any], context: PluginContext) -> list[Loaded]:
+    """The enabled plugins in configured order, each built from its own section."""
+    plugins, sections = plugin_sections(raw)
+    found = factories()
+    default_timeout = C.parse_duration(plugins.get("timeout", 30))
+    loaded = []
+    for name in plugins.get("order", []):
+        section = dict(sections.get(name, {}))
+        guard = Guard(
+            name=name,
+            timeout=C.parse_duration(section.pop("timeout", default_timeout)),
+            on_error=ON_ERROR[section.pop("on_error", "tempfail")],
+        )
+        policy = found[name].makePolicy(section, context)
+        loaded.append(Loaded(name, policy, guard))
+    return loaded
+
+
+def build_chain(
+    default: IPolicy, loaded: list[Loaded], context: PluginContext, timeout: float = 30.0
+) -> HookChain:
+    """The routing/relay check first, then the plugins; timeouts run on the context's clock."""
+    return HookChain(
+        [Mandatory(default), *(p.policy for p in loaded)],
+        timeout=timeout,
+        clock=context.reactor,
+        guards=[Guard(name="routing"), *(p.guard for p in loaded)],
+        authserv_id=context.hostname,
+    )
+
+
+def make_context(config: C.Config, reactor: Any) -> tuple[PluginContext, Any]:
+    """The context plugins are built with, and the bounded thread pool behind run_in_thread
+    (started and stopped by PluginService)."""
+    from twisted.internet.threads import deferToThreadPool
+    from twisted.names import client
+    from twisted.python.threadpool import ThreadPool
+
+    plugins, _ = plugin_sections(config.raw)
+    servers = [parse_nameserver(s) for s in plugins.get("nameservers", [])]
+    resolver = client.createResolver(servers=servers or None, reactor=reactor)
+    pool = ThreadPool(minthreads=0, maxthreads=int(plugins.get("threads", 4)), name="plugins")
+
+    def run_in_thread(f: Any, *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(reactor, pool, f, *args)
+
+    context = PluginContext(
+        reactor=reactor, hostname=config.hostname, data_dir=config.data_dir,
+        resolver=resolver, run_in_thread=run_in_thread,
+        trusted_networks=config.trusted_networks,
+    )
+    return context, pool
+
+
+def observers(loaded: list[Loaded]) -> list[Any]:
+    """The enabled plugins that want queue events."""
+    return [p.policy for p in loaded if IQueueObserver.providedBy(p.policy)]
+
+
+class PluginService(Service):
+    """Starts and stops the plugins with the server (state files, timers)."""
+
+    name = "plugins"
+
+    def __init__(self, loaded: list[Loaded], pool: Any = None) -> None:
+        self.loaded = loaded
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        if self.pool is not None:
+            self.pool.start()
+        for plugin in self.loaded:
+            start = getattr(plugin.policy, "start", None)
+            if start is not None:
+                start()
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        stops = [maybeDeferred(p.policy.stop) for p in self.loaded if hasattr(p.policy, "stop")]
+        d = DeferredList(stops)
+        if self.pool is not None:
+            d.addBoth(lambda _: self.pool.stop())
+        return d
+
+
+# ---------------------------------------------------------------------------- config checks
+
+
+def check_plugins(raw: Mapping[str, Any]) -> Iterator[tuple[C.Path, str]]:
+    """Problems in [plugins] and [plugin.NAME], including each plugin's own checkConfig."""
+    if "plugins" in raw and not isinstance(raw["plugins"], dict):
+        yield ("plugins",), "must be a table: [plugins]"
+    if "plugin" in raw and not isinstance(raw["plugin"], dict):
+        yield ("plugin",), "must be tables: [plugin.NAME]"
+    plugins, sections = plugin_sections(raw)
+    found = factories()
+    yield from _check_plugins_table(plugins, found)
+    order = plugins.get("order", [])
+    unconfigured = [n for n in order if isinstance(n, str) and n in found and n not in sections]
+    for name, section in [*sections.items(), *((n, {}) for n in unconfigured)]:
+        if name not in found:
+            yield ("plugin", name), f"no plugin named {name!r} is installed"
+        elif not isinstance(section, dict):
+            yield ("plugin", name), "must be a table"
+        else:
+            yield from _check_section(name, section, found[name])
+
+
+def _check_plugins_table(plugins: Mapping[str, Any], found: Mapping[str, Any]) -> Iterator[
+    tuple[C.Path, str]
+]:
+    for key in plugins:
+        if key not in PLUGINS_KEYS:
+            yield ("plugins", key), "unknown key"
+    order = plugins.get("order", [])
+    if not isinstance(order, list) or not all(isinstance(n, str) for n in order):
+        yield ("plugins", "order"), "must be a list of plugin names"
+        order = []
+    for name in order:
+        if name not in found:
+            yield ("plugins", "order"), f"no plugin named {name!r} (have: {', '.join(sorted(found))})"
+    if len(set(order)) != len(order):
+        yield ("plugins", "order"), "a plugin is listed twice"
+    yield from _convert(plugins, ("plugins",), "timeout", C.parse_duration)
+    yield from _convert(plugins, ("plugins",), "threads", _positive)
+    servers = plugins.get("nameservers", [])
+    if not isinstance(servers, list) or not all(_nameserver_ok(s) for s in servers):
+        yield ("plugins", "nameservers"), 'must be a list like ["127.0.0.1", "[::1]:5353"]'
+
+
+def _check_section(name: str, section: Mapping[str, Any], factory: Any) -> Iterator[
+    tuple[C.Path, str]
+]:
+    path = ("plugin", name)
+    yield from _convert(section, path, "timeout", C.parse_duration)
+    if section.get("on_error", "tempfail") not in ON_ERROR:
+        yield path + ("on_error",), 'must be "tempfail" or "continue"'
+    rest = {k: v for k, v in section.items() if k not in RESERVED}
+    for key, message in factory.checkConfig(rest):
+        yield path + ((key,) if key else ()), message
+
+
+def _convert(table: Mapping[str, Any], path: C.Path, key: str, convert: Any) -> Iterator[
+    tuple[C.Path, str]
+]:
+    if key in table:
+        try:
+            convert(table[key])
+        except ValueError as error:
+            yield path + (key,), str(error)
+
+
+def _positive(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{value!r} is not a positive integer")
+    return value
+
+
+def parse_nameserver(text: str) -> tuple[str, int]:
+    """"192.0.2.1", "192.0.2.1:5353", "::1" or "[::1]:5353" as (host, port)."""
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]")
+        port = port.lstrip(":") or "53"
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, "53"
+    import ipaddress
+
+    ipaddress.ip_address(host)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad port in {text!r}")
+    return host, int(port)
+
+
+def _nameserver_ok(value: object) -> bool:
+    try:
+        parse_nameserver(str(value)) if isinstance(value, str) else None
+    except ValueError:
+        return False
+    return isinstance(value, str)
+
+
+def register_config() -> None:
+    """Own [plugins] and [plugin.NAME] in the config loader (called by mailplat_policies)."""
+    C.register_keys("", "plugins", "plugin")
+    C.register_check(check_plugins)
