@@ -250,7 +250,7 @@ class Daemon:
 
         server = MailServer(load_config(self.config_path), reactor)
         server.startService()
-        testcase.addCleanup(server.stopService)
+        testcase.addCleanup(lambda: server.stopService() if server.running else None)
         return server
 
     @property
