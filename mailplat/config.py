@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, TypeGuard, TypeVar, cast
 
+from mailplat.concurrency import ConcurrencyLimits
 from mailplat.routing import POSTMASTER, local_part_problem
+from mailplat.schedule import RetrySchedule
 
 PROFILES = ("relay", "submission", "submissions", "lmtp", "odmr")
 EMBEDDED = "<embedded default>"
@@ -105,12 +107,19 @@ class Config:
 
 
 # ---------------------------------------------------------------- the schema and its extensions
+    # The rest of [queue], read by mailplat.queueconfig (docs/queue.rst).
+    retry_schedule: RetrySchedule = field(default_factory=RetrySchedule)
+    concurrency: ConcurrencyLimits = field(default_factory=ConcurrencyLimits)
+    bounce_size_limit: int = 1 << 20
+    control_socket: str = ""
 
 _KNOWN: dict[str, set[str]] = {
     # "agent" holds one [agent.NAME] table per delivery agent, checked by that agent's plugin.
     "": {"hostname", "data_dir", "queue", "limits", "maildir", "relay", "listener", "domains",
          "agent"},
-    "queue": {"dir", "retry_delay", "max_lifetime"},
+    "queue": {"dir", "retry_delay", "max_lifetime", "max_retry_delay", "retry_backoff",
+              "retry_jitter", "delay_warning", "agent_concurrency", "destination_concurrency",
+              "active_limit", "bounce_size_limit", "control_socket"},
     "limits": {"message_size", "recipients", "command_timeout", "data_timeout",
                "received_headers"},
     "maildir": {"root"},
@@ -449,8 +458,8 @@ def _build(raw: dict[str, Any], check: _Checker) -> Config:
         command_timeout=check.get(limits, lim, "command_timeout", parse_duration, 300.0),
         data_timeout=check.get(limits, lim, "data_timeout", parse_duration, 180.0),
         max_received_headers=check.get(limits, lim, "received_headers", _count, 50),
-        retry_delay=check.get(queue, q, "retry_delay", parse_duration, 300.0),
-        max_lifetime=check.get(queue, q, "max_lifetime", parse_duration, 5 * 86400.0),
+        retry_delay=retry_delay,
+        max_lifetime=max_lifetime,
         trusted_networks=check.get(relay, ("relay",), "trusted_networks", _networks, ()),
         raw=raw,
         source=check.source,
@@ -464,6 +473,10 @@ def _listeners(raw: Mapping[str, Any], check: _Checker) -> tuple[ListenerConfig,
         return ()
     if not tables:
         check.report(("listener",), "no listeners: add a [[listener]] table")
+    retry_delay = check.get(queue, q, "retry_delay", parse_duration, 300.0)
+    max_lifetime = check.get(queue, q, "max_lifetime", parse_duration, 5 * 86400.0)
+    from mailplat.queueconfig import queue_options  # imports this module: not at the top
+
     listeners: list[ListenerConfig] = []
     first: dict[str, int] = {}
     for index, table in enumerate(tables):
@@ -481,6 +494,7 @@ def _listeners(raw: Mapping[str, Any], check: _Checker) -> tuple[ListenerConfig,
 
 def _listener(table: Mapping[str, Any], path: Path, check: _Checker) -> ListenerConfig | None:
     check.unknown(table, path, "listener")
+        **queue_options(queue, check, data_dir, retry_delay, max_lifetime),
     for key in ("name", "endpoint", "profile"):
         if key not in table:
             check.report(path, f"missing {key!r}")

@@ -7,29 +7,35 @@ A message's lifecycle is the state machine of the store's directories::
                            \\----hold----------> hold --release--> deferred
 
 and each recipient has its own state (PENDING, DEFERRED, DELIVERED, BOUNCED) in the envelope,
-so a retry only goes to the recipients that still need it. Only queue ids and due times are
-kept in memory between attempts; the envelope is read back from disk when it is due.
+so a retry only goes to the recipients that still need it. Between attempts only queue ids and
+due times are kept in memory (``DueQueue``: one heap, one timer); the envelope is read back
+from disk when it is due. How many attempts run at once is bounded per message count, per
+agent and per destination (``Limiter``). Operator commands live in ``QueueCommands``.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from typing import IO, Any
+from dataclasses import replace
+from typing import IO, Any, NamedTuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailplat import dsn
 from mailplat.addheaders import prefixed
-from mailplat.envelope import BOUNCED, DELIVERED, Envelope, Recipient
+from mailplat.concurrency import ConcurrencyLimits, Limiter
+from mailplat.envelope import BOUNCED, DELIVERED, PENDING, Envelope, Recipient
 from mailplat.envelope import DEFERRED as RCPT_DEFERRED
-from mailplat.envelope import PENDING
 from mailplat.interfaces import IDeliveryAgent, IRouter, IStoredMessage, Route
+from mailplat.queuecommands import QueueCommands
+from mailplat.queuenotices import QueueNotices, owes_notice
 from mailplat.replies import LOCAL_ERROR, Reply
+from mailplat.schedule import DueQueue, RetrySchedule
 from mailplat.store import ACTIVE, DEFERRED, HOLD, INCOMING, QueueStore
 
 log = Logger()
@@ -37,8 +43,16 @@ log = Logger()
 NO_AGENT = Reply(451, "4.3.5", "Mail system configuration error: no such delivery agent")
 NO_OUTCOME = Reply(451, "4.3.0", "Delivery agent gave no outcome for this recipient")
 
-# One attempt's result per recipient index: (agent name, reply).
-Outcomes = dict[int, tuple[str, Reply]]
+
+class Outcome(NamedTuple):
+    """One recipient's result of one attempt."""
+
+    agent: str
+    reply: Reply
+    relay: bool = False  # the route left our domains ("relayed" rather than "delivered")
+
+
+Outcomes = dict[int, Outcome]
 
 
 @implementer(IStoredMessage)
@@ -72,7 +86,7 @@ def next_due(envelope: Envelope) -> float | None:
     return min(times) if times else None
 
 
-class QueueManager(Service):
+class QueueManager(QueueCommands, QueueNotices, Service):
     """Delivers committed messages, retries 4xx recipients and gives up on 5xx ones."""
 
     name = "queue"
@@ -83,27 +97,44 @@ class QueueManager(Service):
         router: IRouter,
         agents: Mapping[str, IDeliveryAgent],
         reactor: Any,
-        retry_delay: float = 300.0,
-        max_lifetime: float = 5 * 86400,
-        recovery_window: float = 60.0,
+        retry_delay: float | None = None,
+        max_lifetime: float | None = None,
+        recovery_window: float | None = None,
+        schedule: RetrySchedule | None = None,
+        limits: ConcurrencyLimits | None = None,
+        notifier: dsn.Notifier | None = None,
     ) -> None:
         self.store = store
         self.router = router
         self.agents = dict(agents)
         self.reactor = reactor
-        self.retry_delay = retry_delay
-        self.max_lifetime = max_lifetime
-        self.recovery_window = recovery_window  # overdue mail after a restart spreads over this
+        schedule = schedule or RetrySchedule()
+        if retry_delay is not None:
+            schedule = replace(schedule, first=retry_delay)
+        if max_lifetime is not None:
+            schedule = replace(schedule, max_lifetime=max_lifetime)
+        self.schedule = schedule
+        # Overdue mail found at start is spread over this, not tried all at once.
+        self.recovery_window = min(60.0, schedule.first) if recovery_window is None else recovery_window
+        self.limiter = Limiter(limits or ConcurrencyLimits())
+        self.notifier = notifier  # None: DSNs are logged as not sent (unit tests, tools)
         self.random = random.Random()
-        self._timers: dict[str, IDelayedCall] = {}
+        self.due = DueQueue(reactor, self._start, self._has_room)
         self._busy: set[str] = set()  # queue ids with an attempt in flight
+        self._forced: dict[str, str] = {}  # flushed ids -> domain ("" = every recipient)
+        self._idle_waiters: dict[str, list[Deferred[None]]] = {}
         self.observers: list[Any] = []  # IQueueObservers (plugins), told about every event
+
+    @property
+    def max_lifetime(self) -> float:
+        return self.schedule.max_lifetime
 
     # -- service lifecycle ------------------------------------------------------------------
 
     def startService(self) -> None:
         """Recover the queue from disk: unfinished deliveries again, deferred ones on time."""
         super().startService()
+        self.due.resume()
         found = self.store.recover()
         now = self.reactor.seconds()
         for qid in found[INCOMING] + found[ACTIVE]:
@@ -132,28 +163,23 @@ class QueueManager(Service):
     def stopService(self) -> None:
         """Stop the clock; in-flight attempts finish, their messages are persisted as usual."""
         super().stopService()
-        for timer in self._timers.values():
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
+        self.due.stop()
 
-    # -- scheduling: one timer per message, behind two methods so a heap can replace it ------
+    # -- scheduling ---------------------------------------------------------------------------
 
     def _schedule(self, qid: str, when: float) -> None:
-        self._unschedule(qid)
-        delay = max(0.0, when - self.reactor.seconds())
-        self._timers[qid] = self.reactor.callLater(delay, self._due, qid)
+        self.due.schedule(qid, when)
 
     def _unschedule(self, qid: str) -> None:
-        timer = self._timers.pop(qid, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        self.due.unschedule(qid)
 
-    def _due(self, qid: str) -> None:
+    def _has_room(self) -> bool:
+        return len(self._busy) < self.limiter.limits.active
+
+    def _start(self, qid: str) -> None:
         """A message's time has come: read it back from disk and attempt it."""
-        self._timers.pop(qid, None)
         if qid in self._busy:
-            return
+            return  # the attempt in flight reschedules it when it settles
         try:
             state, envelope = self.store.read_envelope(qid)
             if state == HOLD:
@@ -164,77 +190,88 @@ class QueueManager(Service):
             return  # deleted meanwhile, e.g. by the operator
         except Exception:
             log.failure("{qid}: cannot start delivery", qid=qid)
-            self._schedule(qid, self.reactor.seconds() + self.retry_delay)
+            self._schedule(qid, self.reactor.seconds() + self.schedule.first)
             return
         self._attempt(envelope)
 
     # -- the public queue API ---------------------------------------------------------------
 
     def submit(self, envelope: Envelope) -> "Deferred[None]":
-        """A message was just committed to incoming/ (the spool's on_commit): deliver it now."""
+        """A message was just committed to incoming/ (the spool's on_commit): deliver it now,
+        or as soon as the number of messages in flight allows."""
+        qid = envelope.queue_id
         try:
-            self.store.move(envelope.queue_id, INCOMING, ACTIVE)
+            self.store.move(qid, INCOMING, ACTIVE)
         except OSError:
-            log.failure("{qid}: cannot activate", qid=envelope.queue_id)
-            self._schedule(envelope.queue_id, self.reactor.seconds() + self.retry_delay)
+            log.failure("{qid}: cannot activate", qid=qid)
+            self._schedule(qid, self.reactor.seconds() + self.schedule.first)
             return succeed(None)
         self._notify("queued", envelope)
+        if not self._has_room():
+            self._schedule(qid, self.reactor.seconds())
+            return succeed(None)
         return self._attempt(envelope)
-
-    def hold(self, qid: str) -> bool:
-        """Park a waiting message until released; False if it is being delivered or gone."""
-        if qid in self._busy:
-            return False
-        try:
-            state, _ = self.store.read_envelope(qid)
-            if state != HOLD:
-                self.store.move(qid, state, HOLD)
-        except FileNotFoundError:
-            return False
-        self._unschedule(qid)
-        return True
-
-    def release(self, qid: str) -> bool:
-        """Put a held message back into the deferred queue, due now."""
-        try:
-            self.store.move(qid, HOLD, DEFERRED)
-        except FileNotFoundError:
-            return False
-        self._schedule(qid, self.reactor.seconds())
-        return True
-
-    def flush(self) -> None:
-        """Attempt every waiting message now (postqueue -f)."""
-        now = self.reactor.seconds()
-        for qid in list(self._timers):
-            self._schedule(qid, now)
 
     # -- one delivery attempt ---------------------------------------------------------------
 
-    def _attempt(self, envelope: Envelope) -> "Deferred[None]":
-        """Run one attempt; whatever goes wrong, the message stays queued for a later one."""
+    def _attempt(self, envelope: Envelope, returned: Reply | None = None) -> "Deferred[None]":
+        """Run one attempt; whatever goes wrong, the message stays queued for a later one.
+        With ``returned``, nothing is delivered: every unfinished recipient fails with it."""
         qid = envelope.queue_id
         self._busy.add(qid)
-        d = Deferred.fromCoroutine(self._attempt_steps(envelope))
+        d = Deferred.fromCoroutine(self._attempt_steps(envelope, returned))
         d.addErrback(self._attempt_failed, qid)
-        d.addBoth(_passthrough_after, self._busy.discard, qid)
+        d.addBoth(_passthrough_after, self._attempt_done, qid)
         return d
 
     def _attempt_failed(self, failure: Failure, qid: str) -> None:
         log.failure("{qid}: delivery attempt failed", failure, qid=qid)
         if self.running:
-            self._schedule(qid, self.reactor.seconds() + self.retry_delay)
+            self._schedule(qid, self.reactor.seconds() + self.schedule.first)
 
-    async def _attempt_steps(self, envelope: Envelope) -> None:
-        """Route the due recipients, call each agent once, record outcomes, settle."""
-        now = self.reactor.seconds()
-        due = [i for i, r in enumerate(envelope.recipients) if _is_due(r, now)]
-        routes = await self._route_all(envelope, due)
+    def _attempt_done(self, qid: str) -> None:
+        """Let operator commands waiting for this message go first, then start more mail."""
+        self._busy.discard(qid)
+        for waiter in self._idle_waiters.pop(qid, []):
+            waiter.callback(None)
+        self.due.wake()
+
+    def stored_message(self, envelope: Envelope) -> StoredMessage:
+        return StoredMessage(envelope, self.store.data_path(envelope.queue_id))
+
+    def when_idle(self, qid: str) -> "Deferred[None]":
+        """Fires when ``qid`` has no attempt in flight, before anything else may start one."""
+        if qid not in self._busy:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._idle_waiters.setdefault(qid, []).append(waiter)
+        return waiter
+
+    async def _attempt_steps(self, envelope: Envelope, returned: Reply | None) -> None:
+        """Deliver the due recipients, record outcomes, send owed DSNs, settle."""
+        forced = self._forced.pop(envelope.queue_id, None)
+        if returned is None:
+            now = self.reactor.seconds()
+            due = [i for i, r in enumerate(envelope.recipients) if _is_due(r, now, forced)]
+            outcomes = await self._deliver(envelope, due)
+        else:
+            outcomes = {
+                i: Outcome("operator", returned)
+                for i, r in enumerate(envelope.recipients) if not r.finished
+            }
+        envelope = self._apply(envelope, outcomes)
+        envelope = await self._send_owed(envelope)
+        envelope = await self._warn_delay(envelope)
+        await self._settle(envelope)
+
+    async def _deliver(self, envelope: Envelope, indexes: list[int]) -> Outcomes:
+        """Route the recipients, then one call per agent, all agents at once."""
+        routes = await self._route_all(envelope, indexes)
         outcomes: Outcomes = {}
         groups: dict[str, list[tuple[int, Route]]] = {}
         for index, route in routes.items():
             if isinstance(route, Reply):
-                outcomes[index] = ("none", route)
+                outcomes[index] = Outcome("none", route)
             else:
                 groups.setdefault(route.agent, []).append((index, route))
         calls = [
@@ -243,10 +280,7 @@ class QueueManager(Service):
         ]
         for result in await gatherResults(calls):
             outcomes.update(result)
-        envelope, bounced = self._apply(envelope, outcomes)
-        if bounced:
-            await maybeDeferred(self._bounced, envelope, bounced)
-        await self._settle(envelope)
+        return outcomes
 
     async def _route_all(self, envelope: Envelope, indexes: list[int]) -> dict[int, Route | Reply]:
         """Ask the router about every due recipient at once."""
@@ -268,48 +302,56 @@ class QueueManager(Service):
     async def _run_agent(
         self, envelope: Envelope, name: str, pairs: list[tuple[int, Route]]
     ) -> Outcomes:
-        """One agent call for all recipients routed to it; an exception defers them all."""
+        """One agent call for all recipients routed to it, once the agent and every
+        destination have a free slot; an exception defers them all."""
         agent = self.agents.get(name)
         if agent is None:
-            return {i: (name, NO_AGENT) for i, _ in pairs}
-        message = StoredMessage(envelope, self.store.data_path(envelope.queue_id))
+            return {i: Outcome(name, NO_AGENT) for i, _ in pairs}
+        slots = await self.limiter.acquire(name, {route.destination for _, route in pairs})
+        message = self.stored_message(envelope)
         handed = [(envelope.recipients[i], route) for i, route in pairs]
         try:
             replies = await maybeDeferred(agent.deliver, message, handed)
             return {
-                i: (name, replies.get(r.address, NO_OUTCOME))
-                for (i, _), (r, _) in zip(pairs, handed)
+                i: Outcome(name, replies.get(r.address, NO_OUTCOME), route.relay)
+                for (i, route), (r, _) in zip(pairs, handed)
             }
         except Exception:
             log.failure("{qid}: agent {agent} failed", qid=envelope.queue_id, agent=name)
-            return {i: (name, LOCAL_ERROR) for i, _ in pairs}
+            return {i: Outcome(name, LOCAL_ERROR) for i, _ in pairs}
+        finally:
+            self.limiter.release(slots)
 
-    def _apply(self, envelope: Envelope, outcomes: Outcomes) -> tuple[Envelope, list[Recipient]]:
-        """Record each recipient's outcome in the envelope and log it; returns the new bounces."""
+    def _apply(self, envelope: Envelope, outcomes: Outcomes) -> Envelope:
+        """Record each recipient's outcome in the envelope, log it, note the DSNs owed."""
         now = self.reactor.seconds()
-        expired = now - envelope.received_at >= self.max_lifetime
-        bounced: list[Recipient] = []
-        for index, (agent, reply) in sorted(outcomes.items()):
+        expired = self.schedule.expired(envelope.received_at, now)
+        for index, (agent, reply, relay) in sorted(outcomes.items()):
             recipient = envelope.recipients[index]
             state, status = _outcome(reply, expired)
+            attempts = recipient.attempts + 1
             envelope = envelope.with_recipient(
                 index,
                 state=state,
-                attempts=recipient.attempts + 1,
-                next_attempt=now + self.retry_delay if state == RCPT_DEFERRED else None,
+                attempts=attempts,
+                next_attempt=self._retry_time(envelope, attempts, now, state),
                 last_reply=str(reply),
                 agent=agent,
                 history=recipient.history + (f"{now:.3f} {agent} {reply}",),
+                dsn=self._owed(envelope, recipient, state, relay) or recipient.dsn,
             )
-            if state == BOUNCED:
-                bounced.append(envelope.recipients[index])
             self._notify(_EVENTS[status], envelope, envelope.recipients[index], reply)
             log.info(
                 "{qid}: to=<{addr}>, agent={agent}, delay={delay:.2f}, status={status} ({reply})",
                 qid=envelope.queue_id, addr=recipient.address, agent=agent,
                 delay=now - envelope.received_at, status=status, reply=str(reply),
             )
-        return envelope, bounced
+        return envelope
+
+    def _retry_time(self, envelope: Envelope, attempts: int, now: float, state: str) -> float | None:
+        if state != RCPT_DEFERRED:
+            return None
+        return self.schedule.next_attempt(envelope.received_at, attempts, now, self.random)
 
     def _notify(self, event: str, *args: Any) -> None:
         """Tell observers; they cannot change the outcome, and their failures are only logged."""
@@ -317,18 +359,11 @@ class QueueManager(Service):
             d = maybeDeferred(getattr(observer, event), *args)
             d.addErrback(lambda f, o=observer: log.failure("{o!r}.{e} failed", f, o=o, e=event))
 
-    def _bounced(self, envelope: Envelope, recipients: list[Recipient]) -> "Deferred[None] | None":
-        """The one place where permanent failures turn into DSNs (delivered later); the
-        message is not removed before what this returns has fired."""
-        for recipient in recipients:
-            log.info("{qid}: bounce for <{addr}> not sent (no DSN support yet)",
-                     qid=envelope.queue_id, addr=recipient.address)
-        return None
-
     async def _settle(self, envelope: Envelope) -> None:
         """Finished messages leave the queue; others wait in deferred/ for their next turn."""
         qid = envelope.queue_id
-        if envelope.finished:
+        owes = owes_notice(envelope)
+        if envelope.finished and not owes:
             self.store.remove(qid)
             log.info("{qid}: removed", qid=qid)
             return
@@ -337,14 +372,26 @@ class QueueManager(Service):
         await self.store.write_envelope(envelope, ACTIVE)
         self.store.move(qid, ACTIVE, DEFERRED)
         due = next_due(envelope)
+        if owes:
+            retry = self.reactor.seconds() + self.schedule.first
+            due = retry if due is None else min(due, retry)
         if self.running and due is not None:
             self._schedule(qid, due)
 
 
-def _is_due(recipient: Recipient, now: float) -> bool:
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def _is_due(recipient: Recipient, now: float, forced: str | None) -> bool:
+    """Pending recipients always; deferred ones when their time came or a flush says so."""
     if recipient.state == PENDING:
         return True
-    return recipient.state == RCPT_DEFERRED and (recipient.next_attempt or 0.0) <= now
+    if recipient.state != RCPT_DEFERRED:
+        return False
+    if forced is not None and forced in ("", domain_of(recipient.address)):
+        return True
+    return (recipient.next_attempt or 0.0) <= now
 
 
 _EVENTS = {"sent": "delivered", "deferred": "deferred", "bounced": "bounced"}
@@ -364,4 +411,4 @@ def _passthrough_after(result: object, f: Any, *args: Any) -> object:
     return result
 
 
-__all__ = ["QueueManager", "StoredMessage", "mailbox_of", "next_due"]
+__all__ = ["Outcome", "QueueManager", "StoredMessage", "domain_of", "mailbox_of", "next_due"]

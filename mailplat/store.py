@@ -18,8 +18,8 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Iterable
-from typing import IO
+from collections.abc import Callable, Iterable
+from typing import IO, Any, TypeVar
 
 from twisted.internet.defer import Deferred
 
@@ -33,6 +33,7 @@ HOLD = "hold"
 STATES = (INCOMING, ACTIVE, DEFERRED, HOLD)
 
 _SUFFIX = ".json"
+T = TypeVar("T")
 
 
 class _QueueIds:
@@ -136,6 +137,28 @@ class QueueStore:
             except FileNotFoundError:
                 continue
         raise FileNotFoundError(errno.ENOENT, "no such queue id", qid)
+
+    def state_of(self, qid: str) -> str | None:
+        """Which state directory holds the message now, or None when it is gone."""
+        for state in STATES:
+            if os.path.exists(self.envelope_path(qid, state)):
+                return state
+        return None
+
+    def select(self, ids: Iterable[str], predicate: Callable[[Envelope], bool]) -> list[str]:
+        """Blocking: the ids whose envelope satisfies ``predicate`` (gone or unreadable: no)."""
+        chosen = []
+        for qid in ids:
+            try:
+                if predicate(self.read_envelope(qid)[1]):
+                    chosen.append(qid)
+            except (OSError, ValueError, TypeError, KeyError):
+                continue
+        return chosen
+
+    def in_thread(self, f: Callable[..., T], *args: Any) -> "Deferred[T]":
+        """Run blocking queue reads off the reactor thread."""
+        return self._run(f, *args)
 
     def remove(self, qid: str) -> None:
         """Forget a message: envelope first, so a crash can only leave orphan data behind,

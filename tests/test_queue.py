@@ -3,75 +3,18 @@
 from __future__ import annotations
 
 import os
-from typing import Any, cast
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, Logger, formatEvent
-from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-import mailplat.queue
-from mailplat.envelope import BOUNCED, DEFERRED, DELIVERED, Envelope, Recipient
+from mailplat.envelope import BOUNCED, DEFERRED, DELIVERED, Recipient
 from mailplat.interfaces import IDeliveryAgent, IRouter, IStoredMessage, Route
-from mailplat.queue import QueueManager, StoredMessage
+from mailplat.queue import StoredMessage
 from mailplat.replies import LOCAL_ERROR, Reply
-from mailplat.store import ACTIVE, HOLD, INCOMING, QueueStore
+from mailplat.store import ACTIVE, HOLD, INCOMING
 from mailplat.store import DEFERRED as DEFERRED_DIR
-from mailplat.testing import RecordingAgent, StaticRouter, run_synchronously
-
-DATA = b"Subject: test\r\n\r\nhello\r\n"
-OK = Reply(250, "2.0.0", "Ok")
-LATER = Reply(451, "4.2.0", "Try again")
-NO_USER = Reply(550, "5.1.1", "No such user")
-
-
-def route(agent: str = "recording", destination: str = "/mail") -> Route:
-    return Route(agent=agent, destination=destination, mailbox="x")
-
-
-class QueueTestCase(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.clock.advance(10_000)
-        self.store = QueueStore(self.mktemp(), runInThread=run_synchronously)
-        self.agent = RecordingAgent()
-        self.router = StaticRouter({"@example.com": route()})
-        self.events: list[dict[str, Any]] = []
-        observer = cast(ILogObserver, self.events.append)
-        self.patch(mailplat.queue, "log", Logger(observer=observer))
-        self.queue = QueueManager(
-            self.store, self.router, {"recording": self.agent}, self.clock, retry_delay=300.0
-        )
-        self.bounces: list[tuple[str, list[str]]] = []
-        self.patch(self.queue, "_bounced", self.record_bounce)
-
-    def record_bounce(self, envelope: Envelope, recipients: list[Recipient]) -> None:
-        self.bounces.append((envelope.queue_id, [r.address for r in recipients]))
-
-    def put(self, where: str, *addresses: str, **recipient_fields: Any) -> Envelope:
-        """Store a message with data in queue state ``where``, as the spool (or a crash)
-        left it."""
-        qid = self.store.new_queue_id()
-        with self.store.open_data_for_write(qid) as f:
-            f.write(DATA)
-        recipients = tuple(Recipient(a, **recipient_fields) for a in addresses)
-        env = Envelope(qid, "alice@example.org", recipients, received_at=self.clock.seconds())
-        self.successResultOf(self.store.write_envelope(env, where))
-        return env
-
-    def submit(self, *addresses: str) -> Envelope:
-        env = self.put(INCOMING, *addresses)
-        if not self.queue.running:
-            self.queue.startService()
-        self.successResultOf(self.queue.submit(env))
-        return env
-
-    def state_of(self, qid: str) -> tuple[str, Envelope]:
-        return self.store.read_envelope(qid)
-
-    def lines(self) -> list[str]:
-        return [formatEvent(e) for e in self.events if "status" in e]
+from mailplat.testing import RecordingAgent
+from tests.queuefixtures import DATA, LATER, NO_USER, OK, QueueTestCase, route
 
 
 class DeliveryTests(QueueTestCase):
@@ -108,7 +51,7 @@ class DeliveryTests(QueueTestCase):
         self.assertEqual(c.last_reply, str(LATER))
         self.assertEqual((d.state, d.last_reply), (BOUNCED, str(NO_USER)))
         self.assertEqual(len(c.history), 1)
-        self.assertEqual(self.bounces, [(env.queue_id, ["d@example.com"])])
+        self.assertEqual(self.notifier.sent, [(env.queue_id, "failed", ["d@example.com"])])
 
     def test_only_deferred_recipient_retried_after_retry_delay(self) -> None:
         """The retry waits retry_delay and goes only to the recipient that got 4xx."""
@@ -127,7 +70,7 @@ class DeliveryTests(QueueTestCase):
         """A recipient the router refuses with 5xx is bounced; the agent never sees it."""
         env = self.submit("b@example.com", "x@elsewhere.test")
         self.assertEqual(self.agent.delivered_to, ["b@example.com"])
-        self.assertEqual(self.bounces, [(env.queue_id, ["x@elsewhere.test"])])
+        self.assertEqual(self.notifier.sent, [(env.queue_id, "failed", ["x@elsewhere.test"])])
 
     def test_router_tempfail_defers(self) -> None:
         """A 4xx from the router defers the recipient instead of bouncing it."""
@@ -175,7 +118,7 @@ class DeliveryTests(QueueTestCase):
         env = self.submit("b@example.com")
         self.clock.advance(self.queue.max_lifetime)
         self.assertRaises(FileNotFoundError, self.state_of, env.queue_id)
-        self.assertEqual(self.bounces, [(env.queue_id, ["b@example.com"])])
+        self.assertEqual(self.notifier.sent, [(env.queue_id, "failed", ["b@example.com"])])
 
     def test_log_line_per_recipient(self) -> None:
         """Each outcome is logged once, keyed by queue id, in the Postfix-like format."""
@@ -229,12 +172,12 @@ class DeliveryTests(QueueTestCase):
         """A held message is not retried until released."""
         self.agent.replies = {"b@example.com": LATER}
         env = self.submit("b@example.com")
-        self.assertTrue(self.queue.hold(env.queue_id))
+        self.assertTrue(self.successResultOf(self.queue.hold(env.queue_id)))
         self.assertEqual(self.state_of(env.queue_id)[0], HOLD)
         self.clock.advance(1000)
         self.assertEqual(len(self.agent.deliveries), 1)
         self.agent.replies = None
-        self.assertTrue(self.queue.release(env.queue_id))
+        self.assertTrue(self.successResultOf(self.queue.release(env.queue_id)))
         self.clock.advance(0)
         self.assertRaises(FileNotFoundError, self.state_of, env.queue_id)
 
