@@ -12,6 +12,7 @@ from twisted.internet.protocol import Factory
 
 from mailplat.config import Config, ListenerConfig
 from mailplat.listener_security import relay_profile, submission_profile, submissions_profile
+from mailplat.lmtp import lmtp_profile
 from mailplat.session import ESMTPFactory, ESMTPSession, SessionSettings
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ PROFILES: dict[str, ProfileBuilder] = {
     "relay": relay_profile,
     "submission": submission_profile,
     "submissions": submissions_profile,
+    "lmtp": lmtp_profile,
 }
 
 
