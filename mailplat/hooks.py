@@ -282,7 +282,7 @@ def make_context(config: C.Config, reactor: Any) -> tuple[PluginContext, Any]:
 
     plugins, _ = plugin_sections(config.raw)
     servers = [parse_nameserver(s) for s in plugins.get("nameservers", [])]
-    resolver = client.createResolver(servers=servers or None, reactor=reactor)
+    resolver = client.createResolver(servers=servers or None)  # no reactor parameter
     pool = ThreadPool(minthreads=0, maxthreads=int(plugins.get("threads", 4)), name="plugins")
 
     def run_in_thread(f: Any, *args: Any) -> Deferred[Any]:
@@ -306,9 +306,10 @@ class PluginService(Service):
 
     name = "plugins"
 
-    def __init__(self, loaded: list[Loaded], pool: Any = None) -> None:
+    def __init__(self, loaded: list[Loaded], pool: Any = None, resolver: Any = None) -> None:
         self.loaded = loaded
         self.pool = pool
+        self.resolver = resolver
 
     def startService(self) -> None:
         super().startService()
@@ -325,7 +326,17 @@ class PluginService(Service):
         d = DeferredList(stops)
         if self.pool is not None:
             d.addBoth(lambda _: self.pool.stop())
+        stop_resolver(self.resolver)
         return d
+
+
+def stop_resolver(resolver: Any) -> None:
+    """Cancel the timer with which twisted.names re-reads resolv.conf every minute; it has
+    no stop method, and a stopped server must leave no timers behind."""
+    for part in getattr(resolver, "resolvers", [resolver]):
+        call = getattr(part, "_parseCall", None)
+        if call is not None and call.active():
+            call.cancel()
 
 
 # ---------------------------------------------------------------------------- config checks

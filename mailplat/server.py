@@ -70,7 +70,7 @@ class MailServer(MultiService):
         default = DefaultPolicy(self.router, config.trusted_networks)
         self.policy = build_chain(default, self.plugins, context)
         self.queue.observers.extend(observers(self.plugins))
-        PluginService(self.plugins, pool).setServiceParent(self)
+        PluginService(self.plugins, pool, context.resolver).setServiceParent(self)
         self.listeners: dict[str, Any] = {}
         for listener in config.listeners:
             factory = build_factory(listener, self, reactor)

@@ -335,6 +335,19 @@ colour = "grey"
             parse_config(BASE + '[plugins]\norder = ["dnsbl"]\n')
         self.assertIn("plugin.dnsbl.zones", str(caught.exception))
 
+    def test_make_context_and_plugin_service_leave_no_timers(self) -> None:
+        """make_context builds a real resolver, and stopping the PluginService cancels its
+        resolv.conf re-read timer (a stopped server leaves nothing on the reactor)."""
+        from twisted.internet import reactor
+
+        context, pool = hooks.make_context(parse_config(BASE), reactor)
+        service = hooks.PluginService([], pool, context.resolver)
+        service.startService()
+        timers = [p._parseCall for p in context.resolver.resolvers if hasattr(p, "_parseCall")]
+        self.assertTrue(timers)
+        self.successResultOf(service.stopService())
+        self.assertEqual([t.active() for t in timers], [False] * len(timers))
+
     def test_nameservers(self) -> None:
         """Nameserver entries accept host, host:port and [v6]:port."""
         self.assertEqual(hooks.parse_nameserver("127.0.0.1:5353"), ("127.0.0.1", 5353))
