@@ -75,12 +75,15 @@ class DomainConfig:
 
     ``postmaster`` is the user whose Maildir receives postmaster@ mail: "postmaster" when that
     user exists (or the domain is catch-all), otherwise the first listed user, unless set.
+    ``lmtp`` (a client endpoint such as "unix:/run/dovecot/lmtp") delivers the domain by LMTP
+    instead of into Maildirs.
     """
 
     name: str
     users: frozenset[str] | None
     maildir_root: str
     postmaster: str = POSTMASTER
+    lmtp: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
 
@@ -125,7 +128,7 @@ _KNOWN: dict[str, set[str]] = {
     "maildir": {"root"},
     "relay": {"trusted_networks"},
     "listener": {"name", "endpoint", "profile"},
-    "domain": {"users", "catch_all", "maildir_root", "postmaster"},
+    "domain": {"users", "catch_all", "maildir_root", "postmaster", "lmtp"},
 }
 _CORE = {table: frozenset(keys) for table, keys in _KNOWN.items()}
 _CHECKS: list[Check] = []
@@ -303,6 +306,30 @@ def _endpoint_arguments(arguments: Mapping[str, object]) -> str | None:
         return "the unix socket path is empty"
     if not re.fullmatch(r"[0-7]{1,4}", str(arguments.get("mode", "666"))):
         return f"mode {arguments['mode']!r} is not an octal file mode"
+    return None
+
+
+def _client_endpoint(value: object) -> str:
+    problem = client_endpoint_problem(_text(value))
+    if problem:
+        raise ValueError(f"bad endpoint {value!r}: {problem}")
+    return str(value)
+
+
+def client_endpoint_problem(description: str) -> str | None:
+    """Why a Twisted client endpoint string ("unix:/path", "tcp:host=H:port=P") is malformed,
+    or None; never connects."""
+    from twisted.internet.endpoints import clientFromString
+
+    try:
+        endpoint = clientFromString(None, description)
+    except (ValueError, TypeError, KeyError) as error:
+        return str(error)
+    if getattr(endpoint, "_path", None) == "":
+        return "the unix socket path is empty"
+    port = getattr(endpoint, "_port", 1)
+    if not (isinstance(port, int) and 0 < port < 65536):
+        return f"port {port!r} is not a number from 1 to 65535"
     return None
 
 
@@ -548,6 +575,7 @@ def _domain(
         users=None if catch_all else (users or frozenset()),
         maildir_root=check.get(table, path, "maildir_root", _path, os.path.join(root, name)),
         postmaster=postmaster,
+        lmtp=check.get(table, path, "lmtp", _client_endpoint, None),
         options={key: value for key, value in table.items() if key not in _CORE["domain"]},
     )
 

@@ -118,6 +118,9 @@ class LocalRouter:
             folder = domain.postmaster
         elif domain.users is not None and folder not in domain.users:
             return USER_UNKNOWN
+        if domain.lmtp:  # the LMTP server (Dovecot...) owns the mailboxes
+            user = folder if local.lower() == POSTMASTER else local
+            return Route(agent="lmtp", destination=domain.lmtp, mailbox=f"{user}@{domain.name}")
         return Route(
             agent="maildir",
             destination=os.path.join(domain.maildir_root, folder),

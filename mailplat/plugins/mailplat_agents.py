@@ -5,11 +5,13 @@ Imports stay light (no reactor, no agent module) until ``makeAgent`` is called.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from mailplat.config import register_check
 from mailplat.interfaces import AgentContext, IDeliveryAgentFactory
 
 
@@ -26,3 +28,25 @@ class MaildirAgentFactory:
 
 
 maildir = MaildirAgentFactory()
+
+
+@implementer(IPlugin, IDeliveryAgentFactory)
+class LMTPAgentFactory:
+    """Builds the ``lmtp`` agent from ``[agent.lmtp]`` (endpoint, timeouts, idle pool)."""
+
+    name = "lmtp"
+
+    def makeAgent(self, config: dict[str, Any], context: AgentContext) -> Any:
+        from mailplat.lmtp_agent import make_agent
+
+        return make_agent(config, context.hostname, context.reactor)
+
+
+def _check_lmtp(raw: Mapping[str, Any]) -> Iterable[tuple[tuple[str | int, ...], str]]:
+    from mailplat.lmtp_agent import config_problems
+
+    return list(config_problems(raw))
+
+
+register_check(_check_lmtp)
+lmtp = LMTPAgentFactory()
