@@ -1,0 +1,1 @@
+"""An example mailplat policy plugin: refuse messages by Subject."""
