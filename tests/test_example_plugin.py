@@ -19,7 +19,7 @@ class ExamplePluginTests(TestCase):
         """With the example on the path, mailplat discovers its plugin and its tests pass."""
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([EXAMPLE, ROOT]))
         result = subprocess.run(
-            [sys.executable, "-m", "twisted.trial", "--temp-directory", self.mktemp(),
+            [sys.executable, "-m", "twisted.trial", "--temp-directory", os.path.abspath(self.mktemp()),
              "subjectfilter"],
             cwd=EXAMPLE, env=env, capture_output=True, timeout=120,
         )
