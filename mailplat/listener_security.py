@@ -11,7 +11,7 @@ import os
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.cred.portal import Portal
 from twisted.internet.protocol import Factory
@@ -19,6 +19,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailplat.address import AddressError, parse_mailbox
 from mailplat.config import Config, ListenerConfig, parse_duration, register_check, register_keys
+from mailplat.config import Path as KeyPath
 from mailplat.session import ESMTPFactory, ESMTPSession
 from mailplat.submission import AuthenticatedSenders, SecureSession, Security, SenderRules
 from mailplat.submission import SubmitterRealm
@@ -57,12 +58,14 @@ def auth_config(config: Config) -> AuthConfig:
     )
 
 
-def check_auth(raw: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+def check_auth(raw: Mapping[str, Any]) -> list[tuple[KeyPath, str]]:
     """Problems in [auth], each with its key path."""
     table = raw.get("auth", {})
     if not isinstance(table, dict):
         return [(("auth",), "must be a table: [auth]")]
-    problems = [(("auth", key), "unknown key") for key in table if key not in AUTH_KEYS]
+    problems: list[tuple[KeyPath, str]] = [
+        (("auth", key), "unknown key") for key in table if key not in AUTH_KEYS
+    ]
     value = table.get("users_file", "x")
     if not isinstance(value, str) or not value.strip():
         problems.append((("auth", "users_file"), "must be a file name"))
@@ -79,12 +82,12 @@ def check_auth(raw: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
     return problems + _sender_problems(table.get("senders", {}))
 
 
-def _sender_problems(senders: object) -> list[tuple[tuple[str, ...], str]]:
+def _sender_problems(senders: object) -> list[tuple[KeyPath, str]]:
     if not isinstance(senders, dict):
         return [(("auth", "senders"), 'must be a table: user = ["addr@domain", "@domain"]')]
-    problems = []
+    problems: list[tuple[KeyPath, str]] = []
     for user, patterns in senders.items():
-        path = ("auth", "senders", user)
+        path: KeyPath = ("auth", "senders", user)
         try:
             normal_name(user)
         except UserError as error:
@@ -101,7 +104,7 @@ def _sender_problems(senders: object) -> list[tuple[tuple[str, ...], str]]:
 
 
 
-def check_implicit_tls(raw: dict[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
+def check_implicit_tls(raw: Mapping[str, Any]) -> list[tuple[KeyPath, str]]:
     """The submissions profile adds TLS itself; an ssl: endpoint would wrap it twice."""
     listeners = raw.get("listener", [])
     if not isinstance(listeners, list):
@@ -198,4 +201,4 @@ def submissions_profile(listener: ListenerConfig, server: MailServer, reactor: A
     inner = _factory(listener, server, reactor, require_auth=True, implicit_tls=True)
     factory = TLSMemoryBIOFactory(server_security(server, reactor).tls, False, inner)
     factory.noisy = False
-    return factory
+    return cast(Factory, factory)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
+from OpenSSL import SSL
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -88,6 +89,12 @@ class SecureSession(ESMTPSession):
             self.info = replace(self.info, tls=True)
         super().connectionMade()
 
+    def connectionLost(self, reason: Any = None) -> None:
+        if isinstance(reason, Failure) and reason.check(SSL.Error):
+            log.info("{listener}: [{peer}] TLS failed: {error}", listener=self.info.listener,
+                     peer=self.info.peer_host, error=reason.getErrorMessage())
+        super().connectionLost(reason)
+
     # -- advertising ------------------------------------------------------------------------
 
     def extra_keywords(self) -> list[str]:
@@ -134,7 +141,7 @@ class SecureSession(ESMTPSession):
         self.discard_buffered_input()
         self.reply(R.Reply(220, "2.0.0", "Ready to start TLS"))
         try:
-            self.transport.startTLS(self.security.tls)
+            cast(Any, self.transport).startTLS(self.security.tls)
         except Exception:
             log.failure("STARTTLS failed to start")
             self.close()
@@ -189,7 +196,7 @@ class SecureSession(ESMTPSession):
     def _advance(self, mechanism: Mechanism, step: Step) -> Any:
         if isinstance(step, Challenge):
             self._exchange = mechanism
-            self.start_reader(ResponseLine())
+            self.start_reader(cast(Any, ResponseLine()))  # a reader like the data decoders
             return R.Reply(334, None, encode_challenge(step.data))
         assert isinstance(step, Done)
         return self._check(mechanism, step)

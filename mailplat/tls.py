@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -28,6 +29,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailplat.config import Config, parse_duration, register_check, register_keys
+from mailplat.config import Path as KeyPath
 
 log = Logger()
 TLS_KEYS = frozenset({"certificate", "key", "reload_interval"})
@@ -63,12 +65,14 @@ def _abspath(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def check_tls(raw: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+def check_tls(raw: Mapping[str, Any]) -> list[tuple[KeyPath, str]]:
     """Config problems in [tls]; files are not opened here (they may be root-only)."""
     table = raw.get("tls", {})
     if not isinstance(table, dict):
         return [(("tls",), "must be a table: [tls]")]
-    problems = [(("tls", key), "unknown key") for key in table if key not in TLS_KEYS]
+    problems: list[tuple[KeyPath, str]] = [
+        (("tls", key), "unknown key") for key in table if key not in TLS_KEYS
+    ]
     for key in ("certificate", "key"):
         value = table.get(key)
         if key in table and (not isinstance(value, str) or not value.strip()):
@@ -219,12 +223,18 @@ class ReloadingTLS:
 class TLSService(Service):
     """Loads the certificate while still privileged; then watches the files and SIGHUP."""
 
-    def __init__(self, tls: ReloadingTLS, clock: IReactorTime, use_signal: bool = True) -> None:
+    def __init__(
+        self, tls: ReloadingTLS, clock: IReactorTime, use_signal: bool = True,
+        call_from_thread: Callable[..., Any] | None = None,
+    ) -> None:
         self.tls = tls
         self.clock = clock
         self.use_signal = use_signal
+        # A signal handler may interrupt the reactor anywhere: hand the work over safely.
+        self.call_from_thread = call_from_thread or getattr(clock, "callFromThread", None)
         self._loop: LoopingCall | None = None
         self._previous: Any = None
+        self._installed = False
 
     def privilegedStartService(self) -> None:
         if not self.tls.loaded:
@@ -241,20 +251,21 @@ class TLSService(Service):
         if self.use_signal and hasattr(signal, "SIGHUP"):
             try:
                 self._previous = signal.signal(signal.SIGHUP, self._on_sighup)
+                self._installed = True
             except ValueError:  # not the main thread: no signals, the file check still works
-                self.use_signal = False
+                pass
 
     def _on_sighup(self, signum: int, frame: Any) -> None:
-        from twisted.internet import reactor
-
-        reactor.callFromThread(self.tls.reload)  # type: ignore[attr-defined]
+        if self.call_from_thread is not None:
+            self.call_from_thread(self.tls.reload)
         if callable(self._previous):
             self._previous(signum, frame)
 
     def stopService(self) -> Any:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        if self.use_signal and hasattr(signal, "SIGHUP") and self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
-            self._previous = None
+        if self._installed:
+            previous = signal.SIG_DFL if self._previous is None else self._previous
+            signal.signal(signal.SIGHUP, previous)
+            self._installed, self._previous = False, None
         return super().stopService()

@@ -20,7 +20,7 @@ import secrets
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -222,14 +222,14 @@ class UserDBChecker:
         self.db = db
         self.run_in_thread = run_in_thread or _defer_to_thread
 
-    def requestAvatarId(self, credentials: ICredentials) -> Deferred[str]:
+    def requestAvatarId(self, credentials: ICredentials) -> Deferred[Any]:
         try:
             name = credentials.username.decode("utf-8")  # type: ignore[attr-defined]
             key = normal_name(name)
         except (UnicodeDecodeError, UserError):
             return fail(UnauthorizedLogin())
         if IUsernamePassword.providedBy(credentials):
-            password = credentials.password  # type: ignore[attr-defined]
+            password = credentials.password
             d = self.run_in_thread(self.db.verify_password, key, password)
             return d.addCallback(self._answer, key)
         user = self.db.get(key)
@@ -247,4 +247,5 @@ class UserDBChecker:
 def _defer_to_thread(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
     from twisted.internet import reactor, threads
 
-    return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)  # type: ignore[attr-defined]
+    threaded = cast(Any, reactor)
+    return threads.deferToThreadPool(threaded, threaded.getThreadPool(), f, *args)
