@@ -69,6 +69,7 @@ class SMTPClient(ClientTransaction, Protocol):
         self._ready: list[Deferred[SMTPClient]] = []
         self._was_ready = False
         self._setup_error: ClientError | None = None
+        self._input_epoch = 0  # bumped by reset_input: replies parsed before it are dropped
 
     # -- connection and input --------------------------------------------------------------
 
@@ -84,8 +85,9 @@ class SMTPClient(ClientTransaction, Protocol):
             log.warn("peer sent a malformed reply: {error}", error=error)
             self._abandon(BAD_REPLY)
             return
+        epoch = self._input_epoch
         for reply in replies:
-            if self.state is State.CLOSED:
+            if self.state is State.CLOSED or epoch != self._input_epoch:
                 return
             self._dispatch(reply)
 
@@ -134,8 +136,26 @@ class SMTPClient(ClientTransaction, Protocol):
         self._abandon(CONNECTION_LOST)
 
     def reset_input(self) -> None:
-        """Discard replies buffered but not read (after STARTTLS: RFC 3207 §4.2)."""
+        """Discard replies buffered but not read (after STARTTLS: RFC 3207 §4.2), including
+        those that arrived in the same read as the reply being handled."""
         self._parser.reset()
+        self._input_epoch += 1
+
+    def starttls(self, creator: Any) -> Deferred[dict[str, str]]:
+        """STARTTLS (RFC 3207) with ``creator`` (an IOpenSSLClientConnectionCreator, e.g.
+        from ``optionsForClientTLS``): on 220 the transport turns to TLS, anything the peer
+        sent after the 220 is discarded, and EHLO starts again. Fires with the extensions
+        offered over TLS; fails with ClientError when refused or when the handshake (and so
+        certificate verification) fails, in which case the connection is gone."""
+        return Deferred.fromCoroutine(self._starttls(creator))
+
+    async def _starttls(self, creator: Any) -> dict[str, str]:
+        reply = await self.command(b"STARTTLS")
+        if reply.code != 220:
+            raise ClientError(reply)
+        self.reset_input()
+        self.transport.startTLS(creator)
+        return await self.hello()
 
     # -- states and timers -----------------------------------------------------------------
 

@@ -266,13 +266,29 @@ def parse_nameserver(text: str) -> tuple[str, int]:
 def make_resolver(
     nameservers: Sequence[str], reactor: Any, timeout: float = DEFAULT_TIMEOUT
 ) -> Any:
-    """A ``twisted.names`` client for the given servers, or the system's resolv.conf ones."""
+    """A ``twisted.names`` client for the given servers, or the system's resolv.conf ones
+    (read once here; Twisted's own re-reading would keep a timer running forever)."""
     from twisted.names import client
 
-    if nameservers:
-        servers = [parse_nameserver(server) for server in nameservers]
-        return client.Resolver(servers=servers, timeout=(timeout,), reactor=reactor)
-    return client.Resolver(resolv="/etc/resolv.conf", timeout=(timeout,), reactor=reactor)
+    servers = [parse_nameserver(server) for server in nameservers] or system_nameservers()
+    return client.Resolver(servers=servers, timeout=(timeout,), reactor=reactor)
+
+
+def system_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
+    """The ``nameserver`` lines of resolv.conf; a local resolver when there are none."""
+    servers = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 2 and fields[0] == "nameserver":
+                    try:
+                        servers.append(parse_nameserver(fields[1].split("%")[0]))
+                    except ValueError:
+                        continue
+    except OSError:
+        pass
+    return servers or [("127.0.0.1", 53)]
 
 
 __all__ = [

@@ -32,11 +32,14 @@ class Verdict:
 
     ``add_headers`` (data hook only) are header fields ("Name: value", no line ending) that are
     prepended to the message when it is delivered; the body is never rewritten.
+    ``recipients`` (rcpt hook, with ACCEPT) replaces the recipient by these addresses in the
+    transaction: an alias expanded at RCPT time.
     """
 
     action: Action
     reply: Reply | None = None
     add_headers: tuple[str, ...] = ()
+    recipients: tuple[str, ...] = ()
 
 
 CONTINUE = Verdict(Action.CONTINUE)
@@ -48,13 +51,17 @@ class Route:
 
     ``destination`` is agent specific: a Maildir path for ``maildir``, a next-hop domain or host
     for ``smtp``, an LMTP endpoint for ``lmtp``. ``relay`` marks a recipient outside our local
-    domains, which policy only accepts from authenticated or trusted clients.
+    domains, which policy only accepts from authenticated or trusted clients. ``tag`` is the
+    subaddress (``tag`` of ``user+tag@``), kept for plugins. ``expansion`` is set for an alias:
+    the final addresses it stands for, which the session records instead of the alias.
     """
 
     agent: str
     destination: str
     mailbox: str
     relay: bool = False
+    tag: str | None = None
+    expansion: tuple[str, ...] = ()
 
 
 class IPolicy(Interface):
@@ -202,7 +209,15 @@ class SpoolError(Exception):
 
 @dataclass(frozen=True)
 class AgentContext:
-    """What every delivery agent may need from the server around it."""
+    """What every delivery agent may need from the server around it.
+
+    ``config`` is the whole Config (agents with settings outside [agent.NAME]), ``router`` the
+    server's IRouter and ``sink`` its spool (an IMessageSink), for agents that put a message
+    back into the queue (list expansion); all three are None in a bare context.
+    """
 
     reactor: object
     hostname: str
+    config: Any = None
+    router: Any = None
+    sink: Any = None

@@ -88,7 +88,7 @@ class DefaultPolicy:
             return Verdict(Action.REJECT, route)
         if route.relay and not self.may_relay(session):
             return Verdict(Action.REJECT, RELAY_DENIED)
-        return Verdict(Action.ACCEPT)
+        return Verdict(Action.ACCEPT, recipients=route.expansion)
 
     def may_relay(self, session: SessionInfo) -> bool:
         """Authenticated clients and clients in the trusted networks may relay."""
@@ -157,15 +157,20 @@ class PolicyChain:
     def _run(self, hook: str, *args: Any) -> Deferred[Verdict]:
         """Ask each policy in turn, stopping at the first verdict that is not CONTINUE.
 
-        Header fields added by every policy asked are collected into the final verdict.
+        Header fields added by every policy asked are collected into the final verdict, and
+        so is the latest alias expansion (``recipients``) a policy answered.
         """
         pending = list(zip(self.policies, self.guards))
         added: list[str] = []
+        expansion: list[tuple[str, ...]] = [()]
 
         def next_policy(verdict: Verdict) -> Verdict | Deferred[Verdict]:
             added.extend(verdict.add_headers)
+            expansion[0] = verdict.recipients or expansion[0]
             if verdict.action is not Action.CONTINUE or not pending:
-                return replace(verdict, add_headers=tuple(added)) if added else verdict
+                if not added and verdict.recipients == expansion[0]:
+                    return verdict
+                return replace(verdict, add_headers=tuple(added), recipients=expansion[0])
             policy, guard = pending.pop(0)
             return self._call(policy, hook, args, guard).addCallback(next_policy)
 

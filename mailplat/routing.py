@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import unicodedata
+from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet.defer import Deferred, succeed
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 BAD_SYNTAX = Reply(553, "5.1.3", "Bad recipient address syntax")
 USER_UNKNOWN = Reply(550, "5.1.1", "User unknown")
 POSTMASTER = "postmaster"
+DEFAULT_DELIMITER = "+"  # user+tag@domain, RFC 5233
 
 # Longest name most filesystems allow for one directory entry, in bytes.
 _NAME_MAX = 255
@@ -51,6 +53,20 @@ def local_part_problem(local: str) -> str | None:
     if len(local.encode("utf-8", "surrogatepass")) > _NAME_MAX:
         return "is too long"
     return None
+
+
+def split_subaddress(local: str, delimiter: str) -> tuple[str, str | None]:
+    """("user", "tag") for "user+tag" (RFC 5233); (local, None) when there is no tag."""
+    if not delimiter:
+        return local, None
+    base, found, tag = local.partition(delimiter)
+    if not found or not base:
+        return local, None
+    return base, tag
+
+
+def _delimiter(domain: DomainConfig) -> str:
+    return str(domain.options.get("recipient_delimiter", DEFAULT_DELIMITER))
 
 
 def _domain_aliases(name: str) -> set[str]:
@@ -87,6 +103,13 @@ class LocalRouter:
         for domain in config.domains.values():
             for alias in _domain_aliases(domain.name):
                 self._domains.setdefault(alias, domain)
+        from mailplat.aliases import AliasRouter, AliasTable
+        from mailplat.routeconfig import routing_settings
+
+        self.settings = routing_settings(config)
+        table = AliasTable(self.settings.aliases, self.settings.lists)
+        self.aliases = AliasRouter(table, self)
+        self._alias_domains = table.domains()
 
     def route(self, recipient: MailboxLike) -> Deferred[Route | Reply]:
         """Resolve ``recipient`` at once; the Deferred lets other routers look things up."""
@@ -99,15 +122,50 @@ class LocalRouter:
             if self._first is None:
                 return USER_UNKNOWN
             return self._local(self._first, POSTMASTER)
+        aliased = self.aliases.route(f"{recipient.local}@{domain_name}")
+        if aliased is not None:
+            return aliased
+        return self.direct(recipient.local, domain_name)
+
+    # -- without aliases and lists (see mailplat.aliases.AliasRouter for those) ---------------
+
+    def direct(self, local: str, domain_name: str) -> Route | Reply:
+        """A mailbox of ours (also as ``user+tag``), or the relay route for other domains."""
         domain = self._domains.get(domain_name)
         if domain is None:
-            return Route(
-                agent="smtp",
-                destination=domain_name,
-                mailbox=f"{recipient.local}@{domain_name}",
-                relay=True,
-            )
-        return self._local(domain, recipient.local)
+            return self._foreign(local, domain_name)
+        route = self._local(domain, local)
+        base, tag = split_subaddress(local, _delimiter(domain))
+        if tag is None or (domain.users is not None and local.lower() in domain.users):
+            return route
+        based = self._local(domain, base)
+        return replace(based, tag=tag) if isinstance(based, Route) else route
+
+    def is_local_domain(self, domain_name: str) -> bool:
+        return domain_name in self._domains
+
+    def subaddress_base(self, address: str) -> str | None:
+        """``user@d`` for ``user+tag@d`` (with the domain's delimiter), else None."""
+        local, _, domain_name = address.rpartition("@")
+        domain = self._domains.get(domain_name)
+        base, tag = split_subaddress(local, _delimiter(domain) if domain else DEFAULT_DELIMITER)
+        return f"{base}@{domain_name}" if tag is not None else None
+
+    def _foreign(self, local: str, domain_name: str) -> Route | Reply:
+        """Not a mailbox domain: alias-only domains, relay domains, smarthost, the world."""
+        from mailplat.routeconfig import domain_key
+
+        key = domain_key(domain_name)
+        if key in self._alias_domains:
+            return USER_UNKNOWN  # its aliases and catch-all were asked already
+        mailbox = f"{local}@{domain_name}"
+        hop = self.settings.relay_domains.get(key)
+        if hop is not None:  # accepted from anyone: we are their backup MX or gateway
+            return Route(agent="smtp", destination=hop or domain_name, mailbox=mailbox)
+        smarthost, only = self.settings.smarthost, self.settings.smarthost_domains
+        if smarthost and (only is None or key in only):
+            return Route(agent="smtp", destination=smarthost, mailbox=mailbox, relay=True)
+        return Route(agent="smtp", destination=domain_name, mailbox=mailbox, relay=True)
 
     def _local(self, domain: DomainConfig, local: str) -> Route | Reply:
         """A mailbox in one of our domains: its Maildir, or why there is none."""

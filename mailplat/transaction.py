@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 
 from mailplat import replies as R
 from mailplat.address import AddressError, parse_forward_path, parse_reverse_path
+from mailplat.aliases import expanded_recipients
 from mailplat.datadecoder import ChunkReader, DotDecoder, LineChecker
 from mailplat.envelope import Recipient, Transaction
 from mailplat.interfaces import Action, SpoolError, Verdict
@@ -141,7 +142,12 @@ class TransactionCommands(_Base):
     def _rcpt_verdict(self, verdict: Verdict, transaction: Transaction, entry: Recipient) -> R.Reply:
         reply = self.verdict_reply(verdict, R.Reply(250, "2.1.5", "Recipient OK"))
         if reply.positive and transaction is self.transaction:
-            transaction.recipients.append(entry)
+            if verdict.recipients and not self.settings.lmtp:  # LMTP: one reply per RCPT
+                transaction.recipients.extend(
+                    expanded_recipients(entry, verdict.recipients, transaction.recipients)
+                )
+            else:
+                transaction.recipients.append(entry)
         return reply
 
     # -- DATA / BDAT -----------------------------------------------------------------------

@@ -50,3 +50,34 @@ def _check_lmtp(raw: Mapping[str, Any]) -> Iterable[tuple[tuple[str | int, ...],
 
 register_check(_check_lmtp)
 lmtp = LMTPAgentFactory()
+
+
+@implementer(IPlugin, IDeliveryAgentFactory)
+class SMTPRelayAgentFactory:
+    """Builds the ``smtp`` agent (MX delivery, smarthost); settings: [agent.smtp], [relay],
+    [dns], [tls_policy], checked by mailplat.routeconfig."""
+
+    name = "smtp"
+
+    def makeAgent(self, config: dict[str, Any], context: AgentContext) -> Any:
+        from mailplat.relay_agent import make_agent
+
+        return make_agent(context)
+
+
+@implementer(IPlugin, IDeliveryAgentFactory)
+class ExpandAgentFactory:
+    """Builds the ``expand`` agent: list (and late alias) expansion back into the queue."""
+
+    name = "expand"
+
+    def makeAgent(self, config: dict[str, Any], context: AgentContext) -> Any:
+        from mailplat.aliases import ExpandAgent
+
+        return ExpandAgent(context.router, context.sink, context.hostname)
+
+
+import mailplat.routeconfig  # noqa: E402  registers [aliases], [lists], [relay], [dns] ... keys
+
+smtp = SMTPRelayAgentFactory()
+expand = ExpandAgentFactory()
