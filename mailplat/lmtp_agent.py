@@ -79,14 +79,20 @@ class ConnectionPool:
         self._idle[destination] = [(c, t) for c, t in idle if c is not client]
         client.quit()
 
-    def close(self) -> None:
-        """QUIT every idle connection (at shutdown)."""
+    def idle(self, destination: str) -> list[SMTPClient]:
+        """The connections to ``destination`` waiting for a message."""
+        return [client for client, _ in self._idle.get(destination, [])]
+
+    def close(self) -> Deferred[object]:
+        """QUIT every idle connection (at shutdown); fires when all have answered."""
+        quits = []
         for entries in self._idle.values():
             for client, timer in entries:
                 if timer.active():
                     timer.cancel()
-                client.quit()
+                quits.append(client.quit())
         self._idle.clear()
+        return gatherResults(quits)
 
 
 @implementer(IDeliveryAgent)
