@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.application.service import Service
@@ -161,7 +161,10 @@ class Mandatory:
 
 
 def _accept_as_continue(verdict: Verdict) -> Verdict:
-    return CONTINUE if verdict.action is Action.ACCEPT else verdict
+    """ACCEPT becomes CONTINUE, keeping what the verdict carries (an alias expansion)."""
+    if verdict.action is not Action.ACCEPT:
+        return verdict
+    return replace(verdict, action=Action.CONTINUE, reply=None)
 
 
 @implementer(IPolicy, IDisconnectHook)
