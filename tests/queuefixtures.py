@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import mailplat.queue
 import mailplat.queuecommands
+import mailplat.queuenotices
 from mailplat.dsn import Notifier
 from mailplat.envelope import Envelope, Recipient
 from mailplat.interfaces import IStoredMessage, Route
@@ -67,13 +68,27 @@ class QueueTestCase(SynchronousTestCase):
         self.router = StaticRouter({"@example.com": route()})
         self.events: list[dict[str, Any]] = []
         observer = cast(ILogObserver, self.events.append)
-        for module in (mailplat.queue, mailplat.queuecommands):
+        for module in (mailplat.queue, mailplat.queuecommands, mailplat.queuenotices):
             self.patch(module, "log", Logger(observer=observer))
         self.notifier = RecordingNotifier()
-        self.queue = QueueManager(
+        self.queue = self.make_queue()
+
+    def make_queue(self) -> QueueManager:
+        return QueueManager(
             self.store, self.router, {"recording": self.agent}, self.clock,
             schedule=self.schedule, notifier=cast(Notifier, self.notifier),
         )
+
+    def restart(self) -> None:
+        """A new QueueManager, agent and notifier over the same queue directory, as after a
+        daemon restart (the clock goes on)."""
+        if self.queue.running:
+            self.queue.stopService()
+        self.store = QueueStore(self.store.root, runInThread=run_synchronously)
+        self.agent = RecordingAgent(replies=self.agent.replies)
+        self.notifier = RecordingNotifier()
+        self.queue = self.make_queue()
+        self.queue.startService()
 
     def use_real_notifier(self) -> Spool:
         """Send real DSNs through a Spool into this queue; mail to example.org is delivered
@@ -116,5 +131,5 @@ class QueueTestCase(SynchronousTestCase):
         """Every DSN the recording agent received, parsed with the stdlib email package."""
         return [
             cast(EmailMessage, email.message_from_bytes(d.data, policy=email.policy.default))
-            for d in self.agent.deliveries if d.envelope.sender == ""
+            for d in self.agent.deliveries if d.envelope.session.listener == "dsn"
         ]
