@@ -208,9 +208,14 @@ class ReloadingTLS:
         return True
 
     def check_files(self) -> None:
-        """Reload when either file changed (certbot renewals replace them in place)."""
+        """Reload when either file changed (certbot renewals replace them in place).
+
+        A failed attempt is not repeated until a file changes again (or SIGHUP), so a renewal
+        that writes the certificate and the key one after the other ends up loaded.
+        """
         seen = (_signature(self.settings.certificate), _signature(self.settings.key))
         if seen != self._seen and None not in seen:
+            self._seen = seen
             self.reload()
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:

@@ -178,6 +178,21 @@ class ReloadTests(SynchronousTestCase):
         self.assertNotEqual(subject(after), old_subject)
         self.assertEqual(subject(before), old_subject)
 
+    def test_half_renewed_then_complete(self) -> None:
+        """A certificate written before its key fails once, then loads when the key arrives."""
+        old_subject = subject(self.tls.serverConnectionForTLS(None))
+        fresh = os.path.join(self.directory, "fresh")
+        os.makedirs(fresh)
+        cert, key = write_pair(fresh, trustme.CA(), "mx.test")
+        os.replace(cert, self.cert)
+        self.tls.check_files()
+        self.tls.check_files()  # not retried while nothing changes
+        self.assertEqual(subject(self.tls.serverConnectionForTLS(None)), old_subject)
+        self.assertEqual(sum("not reloaded" in formatEvent(e) for e in self.events), 1)
+        os.replace(key, self.key)
+        self.tls.check_files()
+        self.assertNotEqual(subject(self.tls.serverConnectionForTLS(None)), old_subject)
+
     def test_unchanged_files_not_reloaded(self) -> None:
         """A check that finds the same files does nothing."""
         self.tls.check_files()
