@@ -191,7 +191,7 @@ class TransactionCommands(_Base):
         self.start_reader(DotDecoder(self.reception.write, self.reception.checker))
         return R.Reply(354, None, "End data with <CR><LF>.<CR><LF>")
 
-    def smtp_BDAT(self, args: str) -> R.Reply | None:
+    def smtp_BDAT(self, args: str) -> Any:
         match = _BDAT_ARGS.fullmatch(args)
         if match is None:
             return R.Reply(501, "5.5.4", "Syntax: BDAT size [LAST]")
@@ -203,11 +203,17 @@ class TransactionCommands(_Base):
             refusal = self._begin_message()
         if refusal is not None:
             # RFC 3030 §2: the chunk's octets are read (and dropped) before the refusal.
-            self.start_reader(_RefusedChunk(size, refusal))
-            return None
+            return self._read_chunk(_RefusedChunk(size, refusal))
         assert self.reception is not None
         self.stage = Stage.BDAT
-        self.start_reader(ChunkReader(size, self.reception.write, self.reception.checker, last))
+        return self._read_chunk(
+            ChunkReader(size, self.reception.write, self.reception.checker, last))
+
+    def _read_chunk(self, reader: ChunkReader) -> Any:
+        """Read the chunk's octets; an empty chunk ("BDAT 0 LAST") has none to wait for."""
+        if reader.size == 0:
+            return self.reader_finished(reader)
+        self.start_reader(reader)
         return None
 
     def reader_finished(self, reader: Any) -> Any:

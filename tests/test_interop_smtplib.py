@@ -81,21 +81,22 @@ class SmtplibTests(SynchronousTestCase):
 
     def test_bdat_chunks(self) -> None:
         """BDAT chunks split between CR and LF and inside a dot line arrive unaltered (no
-        dot-unstuffing in BDAT)."""
-        smtp = self.smtp()
-        smtp.ehlo()
-        self.assertEqual(smtp.mail("alice@localhost")[0], 250)
-        self.assertEqual(smtp.rcpt("frank@localhost")[0], 250)
+        dot-unstuffing in BDAT), whether the last chunk has data or is "BDAT 0 LAST"."""
         cuts = [0, MESSAGE.index(b"\r\n") + 1, MESSAGE.index(b"..two") + 1, len(MESSAGE) - 3,
                 len(MESSAGE)]
-        for start, end in zip(cuts, cuts[1:]):
-            last = " LAST" if end == len(MESSAGE) else ""
-            smtp.putcmd("BDAT", f"{end - start}{last}")
-            smtp.send(MESSAGE[start:end])
-            code, text = smtp.getreply()
-            self.assertEqual(code, 250, text)
-        self.assertIn(b"queued as", text)
-        self.assertDelivered("frank", MESSAGE)
+        chunks = [MESSAGE[start:end] for start, end in zip(cuts, cuts[1:])]
+        for user, sent in (("frank", chunks), ("fred", chunks + [b""])):
+            smtp = self.smtp()
+            smtp.ehlo()
+            self.assertEqual(smtp.mail("alice@localhost")[0], 250)
+            self.assertEqual(smtp.rcpt(f"{user}@localhost")[0], 250)
+            for number, chunk in enumerate(sent, 1):
+                smtp.putcmd("BDAT", f"{len(chunk)}{' LAST' if number == len(sent) else ''}")
+                smtp.send(chunk)
+                code, text = smtp.getreply()
+                self.assertEqual(code, 250, text)
+            self.assertIn(b"queued as", text)
+            self.assertDelivered(user, MESSAGE)
 
     def test_smtputf8_address(self) -> None:
         """A UTF-8 local part with SMTPUTF8 is delivered to a Maildir of that UTF-8 name."""

@@ -349,6 +349,18 @@ class ChunkingTests(SynchronousTestCase):
         self.assertEqual(codes, ["250 2.0.0", "250 2.0.0"])
         self.assertEqual(body_of(self.client), b"Subj: 1\r\n\r\n")
 
+    def test_empty_last_chunk_is_answered_at_once(self) -> None:
+        """"BDAT 0 LAST" ending a write (nothing follows to read) completes the message."""
+        self.assertEqual(self.client.codes(b"BDAT 5\r\nx\r\n\r\n"), ["250 2.0.0"])
+        self.assertEqual(self.client.codes(b"BDAT 0 LAST\r\n"), ["250 2.0.0"])
+        self.assertEqual(body_of(self.client), b"x\r\n\r\n")
+
+    def test_empty_refused_chunk_is_answered_at_once(self) -> None:
+        """An empty BDAT that must be refused is refused without waiting for more input."""
+        client = Client()
+        client.take()
+        self.assertEqual(client.codes(b"EHLO c\r\nBDAT 0 LAST\r\n"), ["250", "503 5.5.1"])
+
     def test_bdat_without_recipients_is_consumed(self) -> None:
         """A refused BDAT still swallows its octets so the session stays in sync."""
         client = Client()
