@@ -4,6 +4,8 @@
   replies.
 - ``MemorySink``: an IMessageSink that keeps messages in memory, for protocol tests.
 - ``StaticRouter``: an IRouter over a dict of routes.
+- ``FakeResolver``: a twisted.names resolver over a table, for DNS-using plugins;
+  ``session_info`` makes a SessionInfo with its own session id (for hook notes).
 - ``run_synchronously`` and ``ManualThreads``: ``runInThread`` stand-ins, so code that would
   fsync in a thread can be tested step by step with a ``Clock``.
 """
@@ -17,6 +19,9 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.names import dns
+from twisted.names.common import ResolverBase
+from twisted.names.error import DNSNameError
 from zope.interface import implementer
 
 from mailplat.envelope import Envelope, Recipient, SessionInfo, Transaction
@@ -215,3 +220,78 @@ def _address_of(mailbox: Any) -> str:
 def _normalize(address: str) -> str:
     local, at, domain = address.rpartition("@")
     return f"{local}@{domain.lower()}" if at else address
+
+
+_session_ids = itertools.count(1)
+
+
+def session_info(**fields: Any) -> SessionInfo:
+    """A SessionInfo with a fresh session_id (as the engine gives each connection), so that
+    policy hooks called directly by a test keep their notes apart."""
+    fields.setdefault("session_id", f"T{next(_session_ids)}")
+    return SessionInfo(**fields)
+
+
+class FakeResolver(ResolverBase):
+    """A twisted.names resolver answering from a table, for plugin tests without a network.
+
+    Names never added are NXDOMAIN; an added name without records of the asked type answers
+    with no data. ``fail(name, type, error)`` makes a lookup fail (a DNSServerError is SERVFAIL,
+    a DNSQueryTimeoutError a timeout); with ``hold = True`` answers wait for ``release()``.
+    ``queries`` lists every (name, type) asked.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: dict[str, list[dns.RRHeader]] = {}
+        self.errors: dict[tuple[str, int], Exception] = {}
+        self.queries: list[tuple[str, int]] = []
+        self.hold = False
+        self.held: list[tuple[Deferred[Any], Callable[[], Deferred[Any]]]] = []
+
+    def add(self, name: str, *payloads: Any, ttl: int = 300) -> None:
+        for payload in payloads:
+            header = dns.RRHeader(name.encode("idna"), payload.TYPE, dns.IN, ttl, payload)
+            self.records.setdefault(_dns_key(name), []).append(header)
+
+    def add_a(self, name: str, *addresses: str) -> None:
+        self.add(name, *(dns.Record_A(a) for a in addresses))
+
+    def add_aaaa(self, name: str, *addresses: str) -> None:
+        self.add(name, *(dns.Record_AAAA(a) for a in addresses))
+
+    def add_txt(self, name: str, *texts: str | bytes) -> None:
+        self.add(name, *(dns.Record_TXT(t.encode() if isinstance(t, str) else t) for t in texts))
+
+    def add_mx(self, name: str, preference: int, exchange: str) -> None:
+        self.add(name, dns.Record_MX(preference, exchange.encode("idna")))
+
+    def fail(self, name: str, qtype: int, error: Exception) -> None:
+        self.errors[(_dns_key(name), qtype)] = error
+
+    def _lookup(self, name: Any, cls: int, qtype: int, timeout: Any) -> "Deferred[Any]":
+        key = _dns_key(name.decode("idna") if isinstance(name, bytes) else str(name))
+        self.queries.append((key, qtype))
+
+        def answer() -> "Deferred[Any]":
+            if (key, qtype) in self.errors:
+                return fail(self.errors[(key, qtype)])
+            if key not in self.records:
+                return fail(DNSNameError(key))
+            return succeed(([r for r in self.records[key] if r.type == qtype], [], []))
+
+        if not self.hold:
+            return answer()
+        d: Deferred[Any] = Deferred()
+        self.held.append((d, answer))
+        return d
+
+    def release(self) -> None:
+        """Answer every held lookup."""
+        held, self.held = self.held, []
+        for d, answer in held:
+            answer().chainDeferred(d)
+
+
+def _dns_key(name: str) -> str:
+    return name.lower().rstrip(".")
