@@ -184,6 +184,9 @@ class QueueManager(QueueCommands, QueueNotices, Service):
             state, envelope = self.store.read_envelope(qid)
             if state == HOLD:
                 return
+            if state == DEFERRED and not self._needs_attempt(envelope):
+                self._schedule(qid, next_due(envelope) or self.reactor.seconds())
+                return
             if state != ACTIVE:
                 self.store.move(qid, state, ACTIVE)
         except FileNotFoundError:
@@ -193,6 +196,13 @@ class QueueManager(QueueCommands, QueueNotices, Service):
             self._schedule(qid, self.reactor.seconds() + self.schedule.first)
             return
         self._attempt(envelope)
+
+    def _needs_attempt(self, envelope: Envelope) -> bool:
+        """Woken early (a release, a restart): is anything actually due?"""
+        due = next_due(envelope)
+        if envelope.queue_id in self._forced or owes_notice(envelope) or due is None:
+            return True
+        return due <= self.reactor.seconds()
 
     # -- the public queue API ---------------------------------------------------------------
 
