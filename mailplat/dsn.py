@@ -59,6 +59,12 @@ _EXPLANATIONS = {
 }
 
 
+@dataclass(frozen=True)
+class PassedOn(Reply):
+    """A 2xx an agent may return when the next hop accepted our NOTIFY/ORCPT (it announced
+    DSN): that MTA reports from now on, so we send no "relayed" DSN (RFC 3461 §5.2.2)."""
+
+
 class NotificationError(Exception):
     """The DSN could not be queued; the queue keeps it owed and tries again later."""
 
@@ -331,6 +337,7 @@ __all__ = [
     "RELAYED",
     "NotificationError",
     "Notifier",
+    "PassedOn",
     "Report",
     "report_chunks",
     "wants",

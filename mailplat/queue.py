@@ -348,7 +348,7 @@ class QueueManager(QueueCommands, QueueNotices, Service):
                 last_reply=str(reply),
                 agent=agent,
                 history=recipient.history + (f"{now:.3f} {agent} {reply}",),
-                dsn=self._owed(envelope, recipient, state, relay) or recipient.dsn,
+                dsn=self._owed(envelope, recipient, state, relay, reply) or recipient.dsn,
             )
             self._notify(_EVENTS[status], envelope, envelope.recipients[index], reply)
             log.info(

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from mailplat import dsn
 from mailplat.envelope import BOUNCED, DELIVERED, Envelope, Recipient
 from mailplat.envelope import DEFERRED as RCPT_DEFERRED
+from mailplat.replies import Reply
 
 if TYPE_CHECKING:
     from mailplat.queue import QueueManager as _Base
@@ -28,9 +29,13 @@ log = Logger()
 class QueueNotices(_Base):
     """Mixed into QueueManager."""
 
-    def _owed(self, envelope: Envelope, recipient: Recipient, state: str, relay: bool) -> str | None:
+    def _owed(
+        self, envelope: Envelope, recipient: Recipient, state: str, relay: bool, reply: Reply
+    ) -> str | None:
         """The DSN action this outcome owes the sender, if NOTIFY asks for one."""
         action = {BOUNCED: dsn.FAILED, DELIVERED: dsn.RELAYED if relay else dsn.DELIVERED}.get(state)
+        if action == dsn.RELAYED and isinstance(reply, dsn.PassedOn):
+            return None  # the next hop took over the reporting
         if action is None or not dsn.wants(recipient, action):
             return None
         if not envelope.sender:

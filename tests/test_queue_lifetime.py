@@ -3,8 +3,10 @@ delay warning once, the final bounce parsed back field by field, and RFC 3461 NO
 
 from __future__ import annotations
 
+from dataclasses import replace
 from email.utils import parsedate_to_datetime
 
+from mailplat.dsn import PassedOn
 from mailplat.envelope import DELIVERED, Recipient
 from mailplat.interfaces import Route
 from mailplat.replies import Reply
@@ -94,6 +96,7 @@ class LifetimeTests(QueueTestCase):
 
     def test_never_bounce_a_bounce(self) -> None:
         """Mail from <> that fails is dropped with a log line: no bounce, no delay warning."""
+        self.queue.schedule = replace(self.schedule, max_lifetime=5 * HOUR)  # past the warning
         self.script = {"b@example.com": [LATER], "c@example.com": [NO_USER]}
         env = self.submit("b@example.com", "c@example.com", sender="")
         self.run_until_empty()
@@ -109,6 +112,7 @@ class LifetimeTests(QueueTestCase):
 
     def test_notify_never(self) -> None:
         """NOTIFY=NEVER: a failure and a long delay produce no DSN at all."""
+        self.queue.schedule = replace(self.schedule, max_lifetime=5 * HOUR)  # past the warning
         self.script = {"b@example.com": [LATER], "c@example.com": [NO_USER]}
         self.submit("b@example.com", "c@example.com", notify=("NEVER",))
         self.run_until_empty()
@@ -126,6 +130,15 @@ class LifetimeTests(QueueTestCase):
                          ("rfc822; b@example.com", "delivered", "2.0.0"))
         self.assertEqual(reports["Mail Relay Report"]["Action"], "relayed")
         self.assertRaises(FileNotFoundError, self.state_of, env.queue_id)
+
+    def test_no_relayed_report_when_next_hop_took_over(self) -> None:
+        """A relay that passed NOTIFY on to a DSN-capable next hop (the agent answers with
+        dsn.PassedOn) earns no "relayed" DSN from us: that MTA reports instead."""
+        self.router.routes["@remote.test"] = route(relay=True)
+        self.script = {"x@remote.test": [PassedOn(250, "2.0.0", "Ok, NOTIFY passed on")]}
+        self.submit("x@remote.test", notify=("SUCCESS",))
+        self.clock.advance(0)
+        self.assertEqual(self.dsns(), [])
 
     def test_success_is_silent_by_default(self) -> None:
         """Without NOTIFY, successful delivery sends nothing back."""
