@@ -47,6 +47,9 @@ class SMTPClient(ClientTransaction, Protocol):
     """An ESMTP (or, with ``lmtp=True``, LMTP) client session on one connection."""
 
     chunk_size = 1 << 18
+    # Any: ITransport lacks what we use of real transports (abortConnection, startTLS,
+    # registerProducer), and StringTransport/iosim stand in for them in tests.
+    transport: Any
 
     def __init__(
         self, hostname: str, clock: IReactorTime, lmtp: bool = False,
@@ -87,7 +90,7 @@ class SMTPClient(ClientTransaction, Protocol):
             return
         epoch = self._input_epoch
         for reply in replies:
-            if self.state is State.CLOSED or epoch != self._input_epoch:
+            if not self.is_open or epoch != self._input_epoch:
                 return
             self._dispatch(reply)
 
@@ -166,6 +169,11 @@ class SMTPClient(ClientTransaction, Protocol):
             raise RuntimeError(f"SMTP client: {self.state.value} → {new.value} not allowed")
         self.state = new
         self._rearm()
+
+    @property
+    def is_open(self) -> bool:
+        """False once CLOSED (asked again after each reply, since one may close the session)."""
+        return self.state is not State.CLOSED
 
     @property
     def usable(self) -> bool:
@@ -341,7 +349,7 @@ def connect(
     """Connect, wait for the greeting and EHLO/LHLO; fires with a READY client, or fails with
     ClientError (the peer refused us) or the endpoint's connection error."""
     factory = SMTPClientFactory(hostname, clock, lmtp, timeouts)
-    d: Deferred[SMTPClient] = endpoint.connect(factory)
+    d: Deferred[SMTPClient] = endpoint.connect(factory)  # type: ignore[assignment]
     return d.addCallback(lambda client: client.when_ready())
 
 

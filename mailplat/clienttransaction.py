@@ -32,6 +32,8 @@ Line = tuple[str | None, bytes, float]  # (recipient or None, command line, repl
 class ClientTransaction(_Base):
     """``send`` and its steps; the connection, timers and state live in SMTPClient."""
 
+    _sender: BodySender | None
+
     def send(
         self, sender: str, recipients: Sequence[str], source: IO[bytes],
         params: MessageParams | None = None,
@@ -95,15 +97,15 @@ class ClientTransaction(_Base):
             (r for (who, _, _), r in zip(lines, replies) if who is None and not r.positive), None
         )
         accepted = []
-        for (rcpt, _, _), reply in zip(lines, replies):
-            if rcpt is None:
+        for (who, _, _), reply in zip(lines, replies):
+            if who is None:
                 continue
             if failed is not None:
-                outcomes[rcpt] = failed  # RCPT's own 503 would hide why MAIL failed
+                outcomes[who] = failed  # RCPT's own 503 would hide why MAIL failed
             elif reply.positive:
-                accepted.append(rcpt)
+                accepted.append(who)
             else:
-                outcomes[rcpt] = reply
+                outcomes[who] = reply
         if not accepted:
             self._needs_rset = True
         return outcomes, accepted, data_reply
@@ -164,7 +166,7 @@ class ClientTransaction(_Base):
 
     def write_frame(self, data: bytes, replies: Sequence[float]) -> list[Deferred[Reply]]:
         """Write one piece of the message and register the replies it will earn."""
-        waits = self._write(data, *replies)
+        waits: list[Deferred[Reply]] = self._write(data, *replies)
         self._rearm()
         return waits
 

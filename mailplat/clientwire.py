@@ -48,7 +48,7 @@ class ReplyParser:
     def feed(self, data: bytes) -> list[Reply]:
         """Every reply completed by ``data``; raises ReplySyntaxError on garbage."""
         self._buffer += data
-        replies = []
+        replies: list[Reply] = []
         while True:
             end = self._buffer.find(b"\n")
             if end < 0:

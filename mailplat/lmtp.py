@@ -190,13 +190,12 @@ async def deliver_now(
 async def _resolve(router: IRouter, recipient: Recipient) -> list[tuple[Recipient, Route | Reply]]:
     """The recipient's route, or for an alias the routes of its final addresses."""
     route = await _route(router, recipient.address)
-    expansion = getattr(route, "expansion", ()) if isinstance(route, Route) else ()
-    if not expansion:
+    if not isinstance(route, Route) or not route.expansion:
         return [(recipient, route)]
     finals: list[tuple[Recipient, Route | Reply]] = []
-    for address in expansion:
+    for address in route.expansion:
         final = route if address == recipient.address else await _route(router, address)
-        if isinstance(final, Route) and getattr(final, "expansion", ()):
+        if isinstance(final, Route) and final.expansion:
             final = replace(final, expansion=())  # finals are final: no second round
         finals.append((replace(recipient, address=address), final))
     return finals

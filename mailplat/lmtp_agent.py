@@ -83,7 +83,7 @@ class ConnectionPool:
         """The connections to ``destination`` waiting for a message."""
         return [client for client, _ in self._idle.get(destination, [])]
 
-    def close(self) -> Deferred[object]:
+    def close(self) -> Deferred[list[Reply]]:
         """QUIT every idle connection (at shutdown); fires when all have answered."""
         quits = []
         for entries in self._idle.values():
@@ -114,7 +114,7 @@ class LMTPAgent:
         self.pool = ConnectionPool(connector or self._connect, reactor, idle_timeout, max_idle)
 
     def _connect(self, destination: str) -> Deferred[SMTPClient]:
-        endpoint = clientFromString(self.reactor, destination)
+        endpoint = clientFromString(self.reactor, destination)  # type: ignore[no-untyped-call]
         d = connect(endpoint, self.hostname, self.reactor, lmtp=True, timeouts=self.timeouts)
         return d.addTimeout(self.connect_timeout, self.reactor)
 
@@ -150,7 +150,7 @@ class LMTPAgent:
             return {address: reply for address in sent_as}
         envelope = message.envelope
         try:
-            with message.open() as source:
+            with message.open() as source:  # type: ignore[no-untyped-call]
                 replies = await client.send(
                     envelope.sender, list(dict.fromkeys(sent_as.values())), source,
                     envelope_params(envelope, sent_as),

@@ -62,6 +62,10 @@ class LMTPTestCase(SynchronousTestCase):
             "full@mx.test": Route("recording", "", "full@mx.test"),
             "late@mx.test": Route("late", "", "late@mx.test"),
             "ghost@mx.test": Route("nonexistent", "", "ghost@mx.test"),
+            "team@mx.test": Route("expand", "alias", "team@mx.test",
+                                  expansion=("alice@mx.test", "bob@mx.test")),
+            "mixed@mx.test": Route("expand", "alias", "mixed@mx.test",
+                                   expansion=("alice@mx.test", "full@mx.test")),
         })
         self.agents: dict[str, Any] = {
             "maildir": self.maildir, "recording": self.recording, "late": self.late,
@@ -164,6 +168,18 @@ class ReplyTests(LMTPTestCase):
         self.assertEqual(self.transaction("alice@mx.test", "alice@mx.test"),
                          ["250 2.0.0", "250 2.0.0"])
         self.assertEqual(len(self.delivered("alice")), 1)
+
+    def test_alias_delivers_to_each_final_address(self) -> None:
+        """An alias RCPT gets one reply, after a copy reached each of its final mailboxes."""
+        self.assertEqual(self.transaction("team@mx.test"), ["250 2.0.0"])
+        self.assertEqual((len(self.delivered("alice")), len(self.delivered("bob"))), (1, 1))
+
+    def test_alias_with_a_failing_member(self) -> None:
+        """An alias whose member has a full mailbox answers that member's 4xx, so the
+        client retries."""
+        self.recording.replies = {"full@mx.test": MAILBOX_FULL}
+        self.assertEqual(self.transaction("mixed@mx.test", "bob@mx.test"),
+                         ["452 4.2.2", "250 2.0.0"])
 
     def test_refused_rcpt_gets_no_final_reply(self) -> None:
         """Only recipients accepted at RCPT are answered after the data."""
