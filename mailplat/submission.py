@@ -149,7 +149,6 @@ class SecureSession(ESMTPSession):
         self.abandon_message()
         self.reset_transaction()
         self.greeted = self.esmtp = False
-        self._auth_failures = 0
         self.info = replace(self.info, tls=True, helo="", auth_user=None, protocol="ESMTP")
         return None
 
@@ -311,6 +310,8 @@ class AuthenticatedSenders:
         alsoProvides(self, providedBy(inner))
 
     def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (copying): never recurse
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def mail(self, session: SessionInfo, sender: Mailbox | None, params: Any) -> Deferred[Verdict]:

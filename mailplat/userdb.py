@@ -130,11 +130,14 @@ class UserDB:
     # -- checking -----------------------------------------------------------------------------
 
     def verify_password(self, name: str, password: bytes) -> bool:
-        """Check a password against the stored hash; slow on purpose, run it in a thread.
+        """Check ``name``'s password (slow on purpose: see ``verify``)."""
+        return self.verify(self.get(name), password)
 
-        Unknown users cost as much as known ones, so timing does not reveal who exists.
+    def verify(self, user: User | None, password: bytes) -> bool:
+        """Check a password against a user's hash; thread-safe, slow on purpose.
+
+        Unknown users (None) cost as much as known ones, so timing does not reveal who exists.
         """
-        user = self.get(name)
         stored = user.password_hash if user else self._dummy_hash()
         try:
             return self.hasher.verify(stored, password) and user is not None
@@ -228,11 +231,11 @@ class UserDBChecker:
             key = normal_name(name)
         except (UnicodeDecodeError, UserError):
             return fail(UnauthorizedLogin())
+        user = self.db.get(key)  # here, not in the thread: the file is read by one thread only
         if IUsernamePassword.providedBy(credentials):
             password = credentials.password
-            d = self.run_in_thread(self.db.verify_password, key, password)
+            d = self.run_in_thread(self.db.verify, user, password)
             return d.addCallback(self._answer, key)
-        user = self.db.get(key)
         if user is None or user.cram_secret is None:
             return fail(UnauthorizedLogin())
         ok = credentials.checkPassword(user.cram_secret)  # type: ignore[attr-defined]

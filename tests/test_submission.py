@@ -16,6 +16,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import Interface, alsoProvides
 
 from mailplat.address import parse_forward_path
 from mailplat.config import parse_config
@@ -245,6 +246,10 @@ class AuthTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
 
+class IMarker(Interface):
+    """An extra interface a policy may provide (like a disconnect hook)."""
+
+
 class Broken:
     """A checker whose database is unreadable."""
 
@@ -351,6 +356,15 @@ class SubmissionRuleTests(SynchronousTestCase):
         for sender, code in ((b"<sales@example.org>", "250 2.1.0"), (b"<x@example.net>", "250 2.1.0"),
                              (b"<alice@example.org>", "553 5.7.1"), (b"<x@sub.example.net>", "553 5.7.1")):
             self.assertEqual(client.codes(b"MAIL FROM:" + sender + b"\r\nRSET\r\n")[0], code, sender)
+
+    def test_wrapper_keeps_inner_interfaces(self) -> None:
+        """The sender check wraps the server's policy without hiding its extra hooks."""
+        inner = ScriptedPolicy()
+        alsoProvides(inner, IMarker)
+        inner.disconnect = lambda session: "seen"  # type: ignore[attr-defined]
+        wrapper = AuthenticatedSenders(SenderRules(), inner)
+        self.assertTrue(IMarker.providedBy(wrapper))
+        self.assertEqual(wrapper.disconnect(None), "seen")  # type: ignore[attr-defined]
 
     def test_plain_user_names(self) -> None:
         """A user name without @ may send as name@ each local domain."""
