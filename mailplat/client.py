@@ -64,6 +64,7 @@ class SMTPClient(ClientTransaction, Protocol):
         self.extensions: dict[str, str] = {}
         self.esmtp = False
         self.last_error: Reply | None = None  # why the connection ended, if it did badly
+        self.replies_seen = 0  # lets a pool tell "died before answering" from a real outcome
         self._parser = W.ReplyParser()
         self._pending: list[_Expectation] = []
         self._timer: IDelayedCall | None = None
@@ -99,6 +100,7 @@ class SMTPClient(ClientTransaction, Protocol):
             self._unsolicited(reply)
             return
         expectation = self._pending.pop(0)
+        self.replies_seen += 1
         self._rearm()
         expectation.deferred.callback(reply)
 

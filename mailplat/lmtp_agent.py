@@ -142,22 +142,36 @@ class LMTPAgent:
     ) -> dict[str, Reply]:
         """One LMTP transaction; each envelope recipient gets its RCPT address's reply."""
         sent_as = {r.address: route.mailbox or r.address for r, route in pairs}
-        try:
-            client = await self.pool.acquire(destination)
-        except Exception as error:  # refused, unreachable, timed out, 5xx greeting...
-            reply = _unreachable(destination, error)
-            log.warn("LMTP server {dest} unavailable: {reply}", dest=destination, reply=str(reply))
-            return {address: reply for address in sent_as}
+        for _ in range(2):  # a second try only when a reused connection had died unnoticed
+            made = self.pool.connections_made
+            try:
+                client = await self.pool.acquire(destination)
+            except Exception as error:  # refused, unreachable, timed out, 5xx greeting...
+                reply = _unreachable(destination, error)
+                log.warn("LMTP server {dest} unavailable: {reply}", dest=destination,
+                         reply=str(reply))
+                return {address: reply for address in sent_as}
+            seen = client.replies_seen
+            replies = await self._send(client, destination, message, sent_as)
+            reused = self.pool.connections_made == made
+            if not (reused and client.replies_seen == seen and not client.usable):
+                break  # the server answered something: these outcomes are real
+        return {address: _as_outcome(replies.get(rcpt)) for address, rcpt in sent_as.items()}
+
+    async def _send(self, client: SMTPClient, destination: str, message: IStoredMessage,
+                    sent_as: dict[str, str]) -> dict[str, Reply]:
+        """One transaction; the connection goes back to the pool whatever happens. A reused
+        connection that died before any reply has sent no message data, so a retry on a new
+        one cannot duplicate the message."""
         envelope = message.envelope
         try:
             with message.open() as source:  # type: ignore[no-untyped-call]
-                replies = await client.send(
+                return await client.send(
                     envelope.sender, list(dict.fromkeys(sent_as.values())), source,
                     envelope_params(envelope, sent_as),
                 )
         finally:
             self.pool.release(destination, client)
-        return {address: _as_outcome(replies.get(rcpt)) for address, rcpt in sent_as.items()}
 
 
 def _unreachable(destination: str, error: BaseException) -> Reply:

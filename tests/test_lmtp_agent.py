@@ -194,6 +194,17 @@ class ReuseTests(AgentTestCase):
         self.assertEqual(self.agent.pool.connections_made, 2)
 
 
+    def test_dead_pooled_connection_retried_once(self) -> None:
+        """A pooled connection the server dropped just as it was reused costs nothing: no reply
+        was seen, so no data was sent, and the message goes over a new connection."""
+        self.deliver(self.message("a@example.org"))
+        [pump] = self.servers.pumps
+        pump.server.transport.loseConnection()  # the client learns it only at the next flush
+        self.assertEqual(self.deliver(self.message("b@example.org"))["b@example.org"].code, 250)
+        self.assertEqual(self.agent.pool.connections_made, 2)
+        self.assertEqual(self.servers.received(), [["a@example.org"], ["b@example.org"]])
+
+
 class QueueOutcomeTests(AgentTestCase):
     def test_queue_records_each_outcome(self) -> None:
         """Through the QueueManager: 250 → delivered, 452 → deferred, 550 → bounced."""
