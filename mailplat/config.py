@@ -107,14 +107,14 @@ class Config:
     trusted_networks: tuple[str, ...]
     raw: dict[str, Any] = field(hash=False, repr=False)
     source: str
-
-
-# ---------------------------------------------------------------- the schema and its extensions
     # The rest of [queue], read by mailplat.queueconfig (docs/queue.rst).
     retry_schedule: RetrySchedule = field(default_factory=RetrySchedule)
     concurrency: ConcurrencyLimits = field(default_factory=ConcurrencyLimits)
     bounce_size_limit: int = 1 << 20
     control_socket: str = ""
+
+
+# ---------------------------------------------------------------- the schema and its extensions
 
 _KNOWN: dict[str, set[str]] = {
     # "agent" holds one [agent.NAME] table per delivery agent, checked by that agent's plugin.
@@ -473,6 +473,10 @@ def _build(raw: dict[str, Any], check: _Checker) -> Config:
     maildir, relay = check.section(raw, "maildir"), check.section(raw, "relay")
     maildir_root = check.get(maildir, ("maildir",), "root", _path, os.path.join(data_dir, "mail"))
     q, lim = ("queue",), ("limits",)
+    retry_delay = check.get(queue, q, "retry_delay", parse_duration, 300.0)
+    max_lifetime = check.get(queue, q, "max_lifetime", parse_duration, 5 * 86400.0)
+    from mailplat.queueconfig import queue_options  # imports this module: not at the top
+
     return Config(
         hostname=check.get(raw, (), "hostname", _hostname, "") or socket.getfqdn(),
         data_dir=data_dir,
@@ -490,6 +494,7 @@ def _build(raw: dict[str, Any], check: _Checker) -> Config:
         trusted_networks=check.get(relay, ("relay",), "trusted_networks", _networks, ()),
         raw=raw,
         source=check.source,
+        **queue_options(queue, check, data_dir, retry_delay, max_lifetime),
     )
 
 
@@ -500,10 +505,6 @@ def _listeners(raw: Mapping[str, Any], check: _Checker) -> tuple[ListenerConfig,
         return ()
     if not tables:
         check.report(("listener",), "no listeners: add a [[listener]] table")
-    retry_delay = check.get(queue, q, "retry_delay", parse_duration, 300.0)
-    max_lifetime = check.get(queue, q, "max_lifetime", parse_duration, 5 * 86400.0)
-    from mailplat.queueconfig import queue_options  # imports this module: not at the top
-
     listeners: list[ListenerConfig] = []
     first: dict[str, int] = {}
     for index, table in enumerate(tables):
@@ -521,7 +522,6 @@ def _listeners(raw: Mapping[str, Any], check: _Checker) -> tuple[ListenerConfig,
 
 def _listener(table: Mapping[str, Any], path: Path, check: _Checker) -> ListenerConfig | None:
     check.unknown(table, path, "listener")
-        **queue_options(queue, check, data_dir, retry_delay, max_lifetime),
     for key in ("name", "endpoint", "profile"):
         if key not in table:
             check.report(path, f"missing {key!r}")
