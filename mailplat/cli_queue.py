@@ -130,7 +130,7 @@ def _recipient_line(r: Recipient) -> str:
 def run_list(args: argparse.Namespace) -> int:
     """Like mailq: one block per message, recipients with their state and last error."""
     config = _load(args)
-    store = config and _store(args, config)
+    store = _store(args, config) if config else None
     if store is None:
         return 1
     messages = read_queue(store)
@@ -159,7 +159,7 @@ def run_list(args: argparse.Namespace) -> int:
 def run_show(args: argparse.Namespace) -> int:
     """Envelope, every recipient's history, and the message's header section."""
     config = _load(args)
-    store = config and _store(args, config)
+    store = _store(args, config) if config else None
     if store is None:
         return 1
     try:

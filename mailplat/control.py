@@ -62,7 +62,7 @@ class Flush(amp.Command):
 class DeleteDeferred(amp.Command):
     """Delete every deferred message."""
 
-    arguments: list[tuple[bytes, amp.Argument]] = []
+    arguments = []
     response = [(b"count", amp.Integer())]
 
 

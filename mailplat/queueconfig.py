@@ -78,9 +78,9 @@ def queue_options(
         delay_warning=check.get(table, q, "delay_warning", _warning, defaults.delay_warning),
     )
     limits = ConcurrencyLimits()
-    agent, agents = check.get(table, q, "agent_concurrency", _per_agent, (None, {}))
-    destination, destinations = check.get(table, q, "destination_concurrency", _per_agent,
-                                          (None, {}))
+    unset: tuple[int | None, dict[str, int]] = (None, {})
+    agent, agents = check.get(table, q, "agent_concurrency", _per_agent, unset)
+    destination, destinations = check.get(table, q, "destination_concurrency", _per_agent, unset)
     concurrency = ConcurrencyLimits(
         agent=agent or limits.agent,
         destination=destination or limits.destination,
