@@ -15,8 +15,9 @@ API, all of it:
     Writes ``<workdir>/mailplat.toml``: hostname ``mx.test``, ``data_dir=<workdir>/data``,
     domain ``localhost`` catch-all, and one ``[[listener]]`` per entry of ``listeners``
     (name → profile, or name → dict of listener keys; default ``{"smtp": "relay"}``). Each
-    listener gets a free loopback port (asked of the OS) in ``ports[name]``; its ``endpoint``
-    defaults to ``tcp:{port}:interface=127.0.0.1`` and a given endpoint may use ``{port}``.
+    listener's ``endpoint`` defaults to ``tcp:{port}:interface=127.0.0.1``; wherever an
+    endpoint has ``{port}``, a free loopback port (asked of the OS) goes there and into
+    ``ports[name]``, and ``start`` waits until it accepts connections.
     ``config`` is a nested dict deep-merged into the generated one (e.g. ``{"limits":
     {"message_size": "60M"}}``, ``{"tls": {...}}``); ``extra_toml`` is raw TOML appended at
     the end (so it must start with a table header and not repeat a generated table).
@@ -26,7 +27,7 @@ API, all of it:
 Attributes: ``port`` (the first listener's), ``ports``, ``workdir``, ``data_dir``,
 ``queue_dir``, ``maildir_root``, ``config_path``, ``log_path``; ``log()`` returns the log
 text; ``maildir(user, domain)`` is a user's ``new/``; ``queue_files()`` lists what is left
-in the queue. Module functions: ``free_port``, ``wait_for_port``, ``wait_for_files``,
+in the queue and ``wait_queue_empty(timeout)`` waits until nothing is. Module functions: ``free_port``, ``wait_for_port``, ``wait_for_files``,
 ``wait_until``, ``strip_received``, ``delivered_body``, ``read_reply``, ``toml_text``.
 """
 
@@ -223,13 +224,16 @@ class Daemon:
             f.write(text + ("\n" + extra_toml if extra_toml else ""))
 
     def _listener_tables(self, listeners: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """[[listener]] tables; only endpoints with a ``{port}`` get (and are waited on at)
+        a free loopback port."""
         tables = []
         for name, spec in listeners.items():
             table = {"profile": spec} if isinstance(spec, str) else dict(spec)
-            self.ports[name] = free_port()
             endpoint = table.get("endpoint", "tcp:{port}:interface=" + HOST)
-            table["endpoint"] = endpoint.replace("{port}", str(self.ports[name]))
-            tables.append({"name": name, **table})
+            if "{port}" in endpoint:
+                self.ports[name] = free_port()
+                endpoint = endpoint.replace("{port}", str(self.ports[name]))
+            tables.append({"name": name, **table, "endpoint": endpoint})
         return tables
 
     @classmethod
@@ -255,6 +259,9 @@ class Daemon:
 
     @property
     def port(self) -> int:
+        """The port of the first listener that got one."""
+        if not self.ports:
+            raise AttributeError("no listener has a {port} endpoint")
         return next(iter(self.ports.values()))
 
     def maildir(self, user: str, domain: str = "localhost") -> str:
