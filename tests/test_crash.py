@@ -68,7 +68,8 @@ class CrashTests(SynchronousTestCase):
         senders = [Sender(daemon.port, n, acknowledged) for n in range(THREADS)]
         for sender in senders:
             sender.start()
-        wait_until(lambda: len(acknowledged) >= KILL_AFTER, 30, f"{KILL_AFTER} acknowledgements")
+        wait_until(lambda: len(acknowledged) >= KILL_AFTER, 30, f"{KILL_AFTER} acknowledgements",
+                   interval=0.005)
         daemon.kill()
         for sender in senders:
             sender.join(15)
