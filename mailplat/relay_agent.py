@@ -14,7 +14,7 @@ message to the same host and policy reuses the connection instead of opening ano
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
@@ -32,7 +32,7 @@ from mailplat.relay_session import (
 )
 from mailplat.replies import Reply
 from mailplat.routeconfig import (
-    DEFAULT_TLS_POLICY, OutboundSettings, SettingError, domain_key, is_ip, outbound_settings,
+    DEFAULT_TLS_POLICY, TLS_POLICIES, OutboundSettings, SettingError, domain_key, is_ip, outbound_settings,
     parse_nexthop,
 )
 
@@ -147,7 +147,7 @@ class RelayAgent:
         credentials = self.credentials if self._is_smarthost(destination) else None
         if credentials is not None and not credentials.password:
             return dict.fromkeys(addresses, NO_PASSWORD)
-        policy = self.policy_for(destination)
+        policy = self.policy_for(destination, addresses)
         failures: list[SessionFailure] = []
         for target in targets[:MAX_TARGETS]:
             session = await self._session(target, policy, credentials)
@@ -210,13 +210,15 @@ class RelayAgent:
         self.pool.put(key, session)
         return outcomes
 
-    def policy_for(self, destination: str) -> str:
-        """The TLS policy: for the destination as routed, else its host, else "*"."""
+    def policy_for(self, destination: str, addresses: Sequence[str] = ()) -> str:
+        """The TLS policy set for the next hop as routed, its host, or a recipient domain
+        (the strictest if several are set), else the "*" entry, else "may"."""
         policies = self.settings.tls_policy
-        for key in (destination, _hop_host(destination), "*"):
-            if key and domain_key(key) in policies:
-                return str(policies[domain_key(key)])
-        return DEFAULT_TLS_POLICY
+        keys = {destination, _hop_host(destination), *(a.rpartition("@")[2] for a in addresses)}
+        found = [str(policies[domain_key(k)]) for k in keys if k and domain_key(k) in policies]
+        if found:
+            return max(found, key=TLS_POLICIES.index)  # listed from weakest to strictest
+        return str(policies.get("*", DEFAULT_TLS_POLICY))
 
     def _is_smarthost(self, destination: str) -> bool:
         return bool(self.settings.smarthost) and destination == self.settings.smarthost

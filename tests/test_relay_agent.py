@@ -285,6 +285,19 @@ class GiveUpTests(SynchronousTestCase):
         self.assertEqual(give_up([down, refused]).code, 421)
         self.assertEqual(give_up([]).code, 451)
 
+    def test_tls_policy_lookup(self) -> None:
+        """The policy comes from the hop, its host or a recipient domain (strictest wins),
+        else from "*", else "may"."""
+        policies = {"partner.example": "verify", "[mx.hop.example]:25": "none",
+                    "mx.hop.example": "encrypt", "*": "none"}
+        agent = RelayAgent(MailResolver(DictAuthority({})), OutboundSettings(
+            tls_policy=policies), reactor, "relay.test")
+        self.assertEqual(agent.policy_for("[mx.hop.example]:25", ["a@partner.example"]), "verify")
+        self.assertEqual(agent.policy_for("[mx.hop.example]:25", ["a@other.example"]), "encrypt")
+        self.assertEqual(agent.policy_for("other.example", ["a@other.example"]), "none")
+        bare = RelayAgent(MailResolver(DictAuthority({})), OutboundSettings(), reactor, "r")
+        self.assertEqual(bare.policy_for("other.example"), "may")
+
     def test_make_agent_from_config(self) -> None:
         """The plugin builds the agent from the whole config without any network activity."""
         raw = {"agent": {"smtp": {"port": 2525}}, "dns": {"nameservers": ["127.0.0.1:5353"]}}
