@@ -164,14 +164,16 @@ def security_for(shared: ServerSecurity, require_auth: bool, implicit_tls: bool)
 
 
 class SecureFactory(ESMTPFactory):
-    """An ESMTPFactory whose sessions get the listener's Security."""
+    """An ESMTPFactory whose sessions (a SecureSession class) get the listener's Security."""
+
+    protocol = SecureSession
 
     def __init__(self, *args: Any, security: Security, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.security = security
 
     def buildProtocol(self, addr: Any) -> ESMTPSession:
-        session = SecureSession(self.settings, self.policy, self.sink, self.clock, self.security)
+        session = self.protocol(self.settings, self.policy, self.sink, self.clock, self.security)
         session.factory = self
         return session
 

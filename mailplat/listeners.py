@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any, Callable
 from twisted.internet.protocol import Factory
 
 from mailplat.config import Config, ListenerConfig
-from mailplat.listener_security import relay_profile, submission_profile, submissions_profile
+from mailplat.listener_security import submission_profile, submissions_profile
 from mailplat.lmtp import lmtp_profile
+from mailplat.odmr import odmr_profile, relay_etrn_profile
 from mailplat.session import ESMTPFactory, ESMTPSession, SessionSettings
 
 if TYPE_CHECKING:
@@ -39,10 +40,11 @@ def relay_factory(listener: ListenerConfig, server: "MailServer", reactor: Any) 
 
 ProfileBuilder = Callable[[ListenerConfig, "MailServer", Any], Factory]
 PROFILES: dict[str, ProfileBuilder] = {
-    "relay": relay_profile,
+    "relay": relay_etrn_profile,  # relay_profile plus ETRN (RFC 1985)
     "submission": submission_profile,
     "submissions": submissions_profile,
     "lmtp": lmtp_profile,
+    "odmr": odmr_profile,
 }
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import IO, Any, NamedTuple
 
 from twisted.application.service import Service
@@ -29,7 +29,7 @@ from zope.interface import implementer
 from mailplat import dsn
 from mailplat.addheaders import prefixed
 from mailplat.concurrency import ConcurrencyLimits, Limiter
-from mailplat.envelope import BOUNCED, DELIVERED, PENDING, Envelope, Recipient
+from mailplat.envelope import BOUNCED, DELIVERED, HELD, PENDING, Envelope, Recipient
 from mailplat.envelope import DEFERRED as RCPT_DEFERRED
 from mailplat.interfaces import IDeliveryAgent, IRouter, IStoredMessage, Route
 from mailplat.queuecommands import QueueCommands
@@ -42,6 +42,15 @@ log = Logger()
 
 NO_AGENT = Reply(451, "4.3.5", "Mail system configuration error: no such delivery agent")
 NO_OUTCOME = Reply(451, "4.3.0", "Delivery agent gave no outcome for this recipient")
+WAITING = (PENDING, RCPT_DEFERRED, HELD)
+
+
+@dataclass(frozen=True)
+class Held(Reply):
+    """A 4xx an agent returns to park a recipient as HELD instead of retrying it on the
+    schedule (the odmr agent: its site collects the mail). The queue looks at a held
+    recipient again only for the delay warning and at the end of its lifetime, or when
+    ``deliver_now`` forces it."""
 
 
 class Outcome(NamedTuple):
@@ -81,7 +90,7 @@ def mailbox_of(address: str) -> Any:
 def next_due(envelope: Envelope) -> float | None:
     """When the earliest unfinished recipient wants its next attempt (None: nothing to do)."""
     times = [
-        r.next_attempt or 0.0 for r in envelope.recipients if r.state in (PENDING, RCPT_DEFERRED)
+        r.next_attempt or 0.0 for r in envelope.recipients if r.state in WAITING
     ]
     return min(times) if times else None
 
@@ -121,7 +130,7 @@ class QueueManager(QueueCommands, QueueNotices, Service):
         self.random = random.Random()
         self.due = DueQueue(reactor, self._start, self._has_room)
         self._busy: set[str] = set()  # queue ids with an attempt in flight
-        self._forced: dict[str, str] = {}  # flushed ids -> domain ("" = every recipient)
+        self._forced: dict[str, frozenset[str]] = {}  # flushed ids -> domains (empty: all)
         self._idle_waiters: dict[str, list[Deferred[None]]] = {}
         self.observers: list[Any] = []  # IQueueObservers (plugins), told about every event
 
@@ -359,9 +368,20 @@ class QueueManager(QueueCommands, QueueNotices, Service):
         return envelope
 
     def _retry_time(self, envelope: Envelope, attempts: int, now: float, state: str) -> float | None:
+        if state == HELD:
+            return self._hold_until(envelope, now)
         if state != RCPT_DEFERRED:
             return None
         return self.schedule.next_attempt(envelope.received_at, attempts, now, self.random)
+
+    def _hold_until(self, envelope: Envelope, now: float) -> float:
+        """A held recipient is only looked at again to warn of the delay, then to expire."""
+        expires = self.schedule.expires(envelope.received_at)
+        warning = self.schedule.delay_warning
+        if warning is not None and not envelope.delay_notified:
+            if envelope.received_at + warning > now:
+                return min(envelope.received_at + warning, expires)
+        return expires
 
     def _notify(self, event: str, *args: Any) -> None:
         """Tell observers; they cannot change the outcome, and their failures are only logged."""
@@ -393,18 +413,19 @@ def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
-def _is_due(recipient: Recipient, now: float, forced: str | None) -> bool:
-    """Pending recipients always; deferred ones when their time came or a flush says so."""
+def _is_due(recipient: Recipient, now: float, forced: frozenset[str] | None) -> bool:
+    """Pending recipients always; deferred and held ones when their time came or a flush
+    (or a site collecting its mail) says so."""
     if recipient.state == PENDING:
         return True
-    if recipient.state != RCPT_DEFERRED:
+    if recipient.state not in WAITING:
         return False
-    if forced is not None and forced in ("", domain_of(recipient.address)):
+    if forced is not None and (not forced or domain_of(recipient.address) in forced):
         return True
     return (recipient.next_attempt or 0.0) <= now
 
 
-_EVENTS = {"sent": "delivered", "deferred": "deferred", "bounced": "bounced"}
+_EVENTS = {"sent": "delivered", "deferred": "deferred", "held": "deferred", "bounced": "bounced"}
 
 
 def _outcome(reply: Reply, expired: bool) -> tuple[str, str]:
@@ -412,7 +433,7 @@ def _outcome(reply: Reply, expired: bool) -> tuple[str, str]:
     if reply.positive:
         return DELIVERED, "sent"
     if reply.transient and not expired:
-        return RCPT_DEFERRED, "deferred"
+        return (HELD, "held") if isinstance(reply, Held) else (RCPT_DEFERRED, "deferred")
     return BOUNCED, "bounced"
 
 
@@ -421,4 +442,6 @@ def _passthrough_after(result: object, f: Any, *args: Any) -> object:
     return result
 
 
-__all__ = ["Outcome", "QueueManager", "StoredMessage", "domain_of", "mailbox_of", "next_due"]
+__all__ = [
+    "Held", "Outcome", "QueueManager", "StoredMessage", "domain_of", "mailbox_of", "next_due",
+]

@@ -9,6 +9,7 @@ message is never delivered after ``delete`` or ``hold`` answered, and never twic
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
@@ -16,7 +17,7 @@ from twisted.logger import Logger
 
 from mailplat.envelope import Envelope
 from mailplat.replies import Reply
-from mailplat.store import ACTIVE, DEFERRED, HOLD
+from mailplat.store import ACTIVE, DEFERRED, HOLD, INCOMING
 
 if TYPE_CHECKING:
     from mailplat.queue import QueueManager as _Base
@@ -75,12 +76,32 @@ class QueueCommands(_Base):
         for qid in ids:
             if qid in self._busy or self.store.state_of(qid) in (None, HOLD):
                 continue
-            self._forced[qid] = domain
+            self._forced[qid] = frozenset({domain} if domain else ())
             self.due.schedule(qid, now)
             count += 1
         if count:
             log.info("flush: {count} messages to be tried now", count=count)
         return count
+
+    def deliver_now(self, qid: str, domains: Iterable[str] = ()) -> "Deferred[bool]":
+        """Attempt a message now, its waiting recipients at ``domains`` (all when empty) too,
+        and fire once that attempt has settled; False if it is gone, on hold or not yet
+        queued. ODMR and ETRN use it to release a site's held mail one message at a time."""
+        forced = frozenset(domain.lower() for domain in domains)
+        return self.when_idle(qid).addCallback(lambda _: self._deliver_now(qid, forced))
+
+    def _deliver_now(self, qid: str, forced: frozenset[str]) -> "Deferred[bool]":
+        try:
+            state, envelope = self.store.read_envelope(qid)
+            if state in (HOLD, INCOMING):
+                return succeed(False)
+            if state != ACTIVE:
+                self.store.move(qid, state, ACTIVE)
+        except OSError:
+            return succeed(False)
+        self.due.unschedule(qid)
+        self._forced[qid] = forced
+        return self._attempt(envelope).addCallback(lambda _: True)
 
     def delete(self, qid: str) -> "Deferred[bool]":
         """Remove a message for good (its delivered recipients stay delivered)."""

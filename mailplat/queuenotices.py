@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from twisted.logger import Logger
 
 from mailplat import dsn
-from mailplat.envelope import BOUNCED, DELIVERED, Envelope, Recipient
+from mailplat.envelope import BOUNCED, DELIVERED, HELD, Envelope, Recipient
 from mailplat.envelope import DEFERRED as RCPT_DEFERRED
 from mailplat.replies import Reply
 
@@ -61,7 +61,7 @@ class QueueNotices(_Base):
     async def _warn_delay(self, envelope: Envelope) -> Envelope:
         """One "delayed" DSN per message, once it has waited ``delay_warning``."""
         now = self.reactor.seconds()
-        waiting = [r for r in envelope.recipients if r.state == RCPT_DEFERRED]
+        waiting = [r for r in envelope.recipients if r.state in (RCPT_DEFERRED, HELD)]
         if envelope.delay_notified or not waiting:
             return envelope
         if not self.schedule.delay_due(envelope.received_at, now):

@@ -118,6 +118,16 @@ class ESMTPSession(TransactionCommands, Protocol):
         self._inbuf += data
         self._process()
 
+    def hand_over(self) -> None:
+        """End the session but keep the connection, for a protocol that takes it over (ODMR's
+        turnaround): input still buffered is dropped, no more replies are written, the timer
+        stops and the policies hear of the session's end as if the connection was lost."""
+        self.discard_buffered_input()
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+        self.connectionLost(None)
+
     def close(self) -> None:
         """Stop reading and close after the replies already written are sent."""
         self._closing = True
