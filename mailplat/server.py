@@ -11,6 +11,7 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
 
@@ -22,7 +23,6 @@ from mailplat.groupsync import GroupSyncer
 from mailplat.interfaces import AgentContext, IDeliveryAgent, IDeliveryAgentFactory
 from mailplat.listeners import build_factory
 from mailplat.hooks import PluginService, build_chain, load_plugins, make_context, observers
-from mailplat.odmr_hold import odmr_router
 from mailplat.policy import DefaultPolicy
 from mailplat.queue import QueueManager
 from mailplat.routing import LocalRouter
@@ -50,8 +50,7 @@ class MailServer(MultiService):
         os.makedirs(config.data_dir, exist_ok=True)
         self.syncer = GroupSyncer(reactor)
         self.store = QueueStore(config.queue_dir, syncer=self.syncer)
-        # ODMR domains ([odmr.domains]) go to the hold; everything else as LocalRouter says.
-        self.router = odmr_router(config, LocalRouter(config))
+        self.router = LocalRouter(config)
         # Built before the queue so that agents which put mail back into it (list expansion)
         # get the one spool; commits reach the queue once it exists.
         self.spool = Spool(self.store, self.syncer, lambda e: self.queue.submit(e), reactor)
@@ -93,6 +92,16 @@ class MailServer(MultiService):
         for listener in self.config.listeners:
             log.info("listener {name} ({profile}) on {endpoint}", name=listener.name,
                      profile=listener.profile, endpoint=listener.endpoint)
+
+    def stopService(self) -> Deferred[Any]:
+        """Stop listeners and queue, then agents that keep idle connections say QUIT."""
+        stopped: Deferred[Any] = maybeDeferred(super().stopService)
+
+        def close_agents(_: object) -> Deferred[Any]:
+            closers = [getattr(agent, "close", None) for agent in self.agents.values()]
+            return gatherResults([maybeDeferred(close) for close in closers if callable(close)])
+
+        return stopped.addCallback(close_agents)
 
 
 def build_server(config: Config, reactor: Any) -> MailServer:

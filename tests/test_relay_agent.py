@@ -8,6 +8,8 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
@@ -16,10 +18,12 @@ from mailplat.envelope import Envelope, Recipient
 from mailplat.interfaces import Action, AgentContext, IDeliveryAgent, Route, Verdict
 from mailplat.queue import StoredMessage
 from mailplat.relay_agent import RelayAgent, give_up, make_agent
-from mailplat.relay_session import Credentials, SessionFailure
+from mailplat.client import ClientError, SMTPClient
+from mailplat.relay_session import Credentials, SessionFailure, Target, authenticate
 from mailplat.replies import Reply
 from mailplat.routeconfig import OutboundSettings
 from tests.dns_support import AAAA, MX, A, DictAuthority, null_mx
+from tests.test_client import Peer, ehlo_reply
 from tests.relay_support import NoUTF8Session, Receiver, TestCA, receivers_on_one_port
 
 MESSAGE = b"Subject: relayed\r\n\r\n.leading dot\r\nbody\r\n"
@@ -268,6 +272,82 @@ class SmarthostTests(AgentTestCase):
                                      "a@far.example")
         self.assertEqual(outcome["a@far.example"].status, "4.7.0")
         self.assertEqual(rx.messages, [])
+
+
+class TLSTransport(StringTransport):
+    """A StringTransport that records the STARTTLS switch."""
+
+    tls_creator: Any = None
+
+    def startTLS(self, creator: Any) -> None:
+        self.tls_creator = creator
+
+
+class TLSPeer(Peer):
+    """The client test's scripted server, over a transport that can start TLS."""
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.client = SMTPClient("client.test", self.clock)
+        self.transport = TLSTransport()
+        self.client.makeConnection(self.transport)
+        self.sizes = []
+
+
+class ProtocolTests(SynchronousTestCase):
+    """STARTTLS and AUTH on the wire, driven over a StringTransport."""
+
+    def peer(self, keywords: list[str]) -> Peer:
+        peer = TLSPeer()
+        self.successResultOf(peer.ready(keywords))
+        peer.heard()
+        return peer
+
+    def test_starttls_discards_injected_replies(self) -> None:
+        """Replies the server sends after its 220 in the same packet are discarded
+        (RFC 3207 §4.2): EHLO over TLS waits for the real answer."""
+        peer = self.peer(["STARTTLS"])
+        done = peer.client.starttls("creator")
+        self.assertEqual(peer.heard(), b"STARTTLS\r\n")
+        peer.say("220 go ahead", "250-injected", "250 AUTH PLAIN")
+        self.assertEqual(peer.transport.tls_creator, "creator")
+        self.assertEqual(peer.heard(), b"EHLO client.test\r\n")
+        self.assertNoResult(done)
+        peer.say(*ehlo_reply(["SIZE 1000"]))
+        self.assertEqual(self.successResultOf(done), {"SIZE": "1000"})
+
+    def test_starttls_refused(self) -> None:
+        """A refused STARTTLS fails with the server's reply and leaves the session usable."""
+        peer = self.peer(["STARTTLS"])
+        done = peer.client.starttls("creator")
+        peer.say("454 4.7.0 TLS not available")
+        self.assertEqual(self.failureResultOf(done, ClientError).value.reply.code, 454)
+        self.assertTrue(peer.client.usable)
+        self.assertIsNone(peer.transport.tls_creator)
+
+    def test_auth_plain(self) -> None:
+        """AUTH PLAIN sends the login in one base64 line (RFC 4616)."""
+        peer = self.peer(["AUTH LOGIN PLAIN"])
+        done = Deferred.fromCoroutine(authenticate(peer.client, Credentials("u", "p"),
+                                                   Target("h", "127.0.0.1", 25)))
+        self.assertEqual(peer.heard(), b"AUTH PLAIN AHUAcA==\r\n")
+        peer.say("235 2.7.0 ok")
+        self.successResultOf(done)
+
+    def test_auth_login(self) -> None:
+        """AUTH LOGIN answers the two 334 challenges with the base64 user and password."""
+        peer = self.peer(["AUTH LOGIN"])
+        done = Deferred.fromCoroutine(authenticate(peer.client, Credentials("u", "p"),
+                                                   Target("h", "127.0.0.1", 25)))
+        for challenge, answer in (("334 VXNlcm5hbWU6", b"AUTH LOGIN"), ("334 UGFzc3dvcmQ6", b"dQ=="),
+                                  ("235 2.7.0 ok", b"cA==")):
+            self.assertEqual(peer.heard(), answer + b"\r\n")
+            peer.say(challenge)
+        self.successResultOf(done)
+
+    def test_credentials_not_in_repr(self) -> None:
+        """The password never shows in a repr (and so never in a log line)."""
+        self.assertNotIn("s3cret", repr(Credentials("u", "s3cret")))
 
 
 class GiveUpTests(SynchronousTestCase):

@@ -73,8 +73,12 @@ class ExpandAgentFactory:
 
     def makeAgent(self, config: dict[str, Any], context: AgentContext) -> Any:
         from mailplat.aliases import ExpandAgent
+        from mailplat.routing import LocalRouter
 
-        return ExpandAgent(context.router, context.sink, context.hostname)
+        router = context.router
+        if not hasattr(router, "aliases"):  # wrapped (ODMR) or replaced: the tables are ours
+            router = LocalRouter(context.config)
+        return ExpandAgent(router, context.sink, context.hostname)
 
 
 import mailplat.routeconfig  # noqa: E402  registers [aliases], [lists], [relay], [dns] ... keys
