@@ -23,6 +23,7 @@ from mailplat.groupsync import GroupSyncer
 from mailplat.interfaces import AgentContext, IDeliveryAgent, IDeliveryAgentFactory
 from mailplat.listeners import build_factory
 from mailplat.hooks import PluginService, build_chain, load_plugins, make_context, observers
+from mailplat.odmr_hold import odmr_router
 from mailplat.policy import DefaultPolicy
 from mailplat.queue import QueueManager
 from mailplat.routing import LocalRouter
@@ -50,7 +51,8 @@ class MailServer(MultiService):
         os.makedirs(config.data_dir, exist_ok=True)
         self.syncer = GroupSyncer(reactor)
         self.store = QueueStore(config.queue_dir, syncer=self.syncer)
-        self.router = LocalRouter(config)
+        # ODMR domains ([odmr.domains]) go to the hold; everything else as LocalRouter says.
+        self.router = odmr_router(config, LocalRouter(config))
         # Built before the queue so that agents which put mail back into it (list expansion)
         # get the one spool; commits reach the queue once it exists.
         self.spool = Spool(self.store, self.syncer, lambda e: self.queue.submit(e), reactor)
