@@ -316,7 +316,7 @@ class ExpandAgent:
         entry = Recipient(address=recipient.address, orcpt=recipient.orcpt,
                           notify=() if is_list else recipient.notify)
         transaction = Transaction(
-            sender=sender if is_list else envelope.sender,
+            sender=envelope.sender if sender is None else sender,
             recipients=expanded_recipients(entry, addresses, ()),
             body=envelope.body, smtputf8=envelope.smtputf8,
             envid=None if is_list else envelope.envid, ret=None if is_list else envelope.ret,
@@ -328,14 +328,14 @@ class ExpandAgent:
             return error.reply
         try:
             incoming.write(f"Delivered-To: {name}\r\n".encode("utf-8"))
-            with message.open() as source:  # blocking reads, like the spool's writes
+            with message.open() as source:  # type: ignore[no-untyped-call]  # blocking reads
                 for chunk in iter(lambda: source.read(CHUNK), b""):
                     incoming.write(chunk)
         except (SpoolError, OSError) as error:
             incoming.abort()
             log.warn("expanding {name}: {error}", name=name, error=error)
             return error.reply if isinstance(error, SpoolError) else LOCAL_ERROR
-        replies = await incoming.finish(transaction)
+        replies: list[Reply] = await incoming.finish(transaction)
         if not replies[0].positive:
             return replies[0]
         count = len(transaction.recipients)
@@ -345,7 +345,7 @@ class ExpandAgent:
 def delivered_to(message: IStoredMessage) -> set[str]:
     """The address keys named by ``Delivered-To:`` fields in the message's header section."""
     scanner = HeaderScanner(limit=HEADER_LIMIT)
-    with message.open() as source:
+    with message.open() as source:  # type: ignore[no-untyped-call]
         while not scanner.complete:
             chunk = source.read(1 << 14)
             if not chunk:

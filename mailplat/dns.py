@@ -271,7 +271,9 @@ def make_resolver(
     from twisted.names import client
 
     servers = [parse_nameserver(server) for server in nameservers] or system_nameservers()
-    return client.Resolver(servers=servers, timeout=(timeout,), reactor=reactor)
+    return client.Resolver(  # type: ignore[no-untyped-call]
+        servers=servers, timeout=(timeout,), reactor=reactor
+    )
 
 
 def system_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:

@@ -79,11 +79,11 @@ class TLSSettings:
         if self._trust is None:
             if self._ca_file:
                 with open(self._ca_file, "rb") as f:
-                    self._trust = ssl.trustRootFromCertificates(
+                    self._trust = ssl.trustRootFromCertificates(  # type: ignore[no-untyped-call]
                         [ssl.Certificate.loadPEM(pem) for pem in _pem_blocks(f.read())]
                     )
             else:
-                self._trust = ssl.platformTrust()
+                self._trust = ssl.platformTrust()  # type: ignore[no-untyped-call]
         return self._trust
 
     def creator(self, policy: str, name: str) -> Any:
