@@ -123,6 +123,20 @@ class MailResolver:
         """One named host without MX lookup (a ``[host]`` next hop), as a one-item list."""
         return Deferred.fromCoroutine(self._host(name))
 
+    def texts(self, name: str) -> "Deferred[list[str]]":
+        """The TXT strings at ``name`` (each record's pieces joined); [] when there is no
+        such name; ResolutionError (4.4.3) when DNS fails temporarily."""
+        return Deferred.fromCoroutine(self._texts(name))
+
+    async def _texts(self, name: str) -> list[str]:
+        try:
+            records = await self._records(to_ascii(name), dns.TXT)
+        except _NoSuchName:
+            return []
+        except _Temporary:
+            raise ResolutionError(temporary(name)) from None
+        return [b"".join(r.data).decode("utf-8", "replace") for r in records]
+
     async def _exchanges(self, domain: str) -> list[Exchange]:
         name = to_ascii(domain)
         try:

@@ -6,7 +6,8 @@ addresses in order: a refused or timed-out connection, a 4xx greeting or a TLS f
 to the next one. Once a session is up (relay_session.py: STARTTLS per policy, AUTH for the
 smarthost), the message goes through the one SMTP client (client.py) and every recipient gets
 its own reply back to the queue: 2xx delivered, 4xx retried later, 5xx bounced. DNS trouble
-and unreachable hosts are always 4xx; only definite answers bounce.
+and unreachable hosts are always 4xx; only definite answers bounce. With ``mta_sts`` on, a
+domain's enforced MTA-STS policy (mtasts.py) limits the MX hosts and demands verified TLS.
 
 Sessions that end a transaction cleanly wait a few seconds in a small pool, so the next
 message to the same host and policy reuses the connection instead of opening another.
@@ -27,8 +28,9 @@ from mailplat.clientwire import envelope_params
 from mailplat.dns import MailResolver, ResolutionError, make_resolver
 from mailplat.envelope import Recipient
 from mailplat.interfaces import AgentContext, IDeliveryAgent, IStoredMessage, Route
+from mailplat.mtasts import MTASTS, PolicyFetcher
 from mailplat.relay_session import (
-    MAY, NONE, Credentials, RelaySession, SessionFailure, Target, TLSSettings, open_session,
+    MAY, NONE, VERIFY, Credentials, RelaySession, SessionFailure, Target, TLSSettings, open_session,
 )
 from mailplat.replies import Reply
 from mailplat.routeconfig import (
@@ -40,6 +42,7 @@ log = Logger()
 
 MAX_TARGETS = 10  # addresses tried per attempt; the queue retries the rest later
 BAD_HOP = Reply(451, "4.3.5", "Mail system configuration error: bad next hop")
+NO_STS_MX = Reply(451, "4.7.5", "No MX host matches the domain's MTA-STS policy")
 NO_PASSWORD = Reply(451, "4.3.5", "Mail system configuration error: smarthost password unreadable")
 PoolKey = tuple[Target, str, str | None]
 
@@ -112,6 +115,11 @@ class RelayAgent:
         self.timeouts = timeouts
         self.tls = TLSSettings(settings.ca_file)
         self.pool = SessionPool(reactor, settings.idle_timeout, settings.max_per_connection)
+        self.mta_sts: MTASTS | None = None
+        if settings.mta_sts:
+            fetcher = PolicyFetcher(reactor, resolver, self.tls.trust, settings.mta_sts_port,
+                                    settings.connect_timeout)
+            self.mta_sts = MTASTS(resolver, fetcher, reactor)
 
     def deliver(
         self, message: IStoredMessage, recipients: list[tuple[Recipient, Route]]
@@ -148,6 +156,9 @@ class RelayAgent:
         if credentials is not None and not credentials.password:
             return dict.fromkeys(addresses, NO_PASSWORD)
         policy = self.policy_for(destination, addresses)
+        targets, policy = await self._apply_mta_sts(destination, targets, policy)
+        if not targets:
+            return dict.fromkeys(addresses, NO_STS_MX)
         failures: list[SessionFailure] = []
         for target in targets[:MAX_TARGETS]:
             session = await self._session(target, policy, credentials)
@@ -209,6 +220,25 @@ class RelayAgent:
         session.messages += 1
         self.pool.put(key, session)
         return outcomes
+
+    async def _apply_mta_sts(
+        self, destination: str, targets: list[Target], policy: str
+    ) -> tuple[list[Target], str]:
+        """Under an enforced MTA-STS policy only matching MX hosts remain, each verified;
+        "testing" only logs what enforcement would refuse (RFC 8461 §5)."""
+        hop = parse_nexthop(destination)
+        if self.mta_sts is None or not hop.mx or is_ip(hop.host):
+            return targets, policy
+        sts = await self.mta_sts.policy(hop.host)
+        if sts is None:
+            return targets, policy
+        allowed = [t for t in targets if sts.matches(t.name)]
+        if sts.mode == "testing":
+            for target in set(targets) - set(allowed):
+                log.info("MTA-STS (testing) of {domain} would refuse MX {mx}",
+                         domain=hop.host, mx=target.name)
+            return targets, policy
+        return allowed, VERIFY
 
     def policy_for(self, destination: str, addresses: Sequence[str] = ()) -> str:
         """The TLS policy set for the next hop as routed, its host, or a recipient domain

@@ -29,6 +29,7 @@ DEFAULT_TLS_POLICY = "may"
 DEFAULT_DELIMITER = "+"
 AGENT_KEYS = frozenset({
     "port", "connect_timeout", "helo_name", "ca_file", "idle_timeout", "max_per_connection",
+    "mta_sts", "mta_sts_port",
 })
 DNS_KEYS = frozenset({"nameservers", "timeout", "families"})
 RELAY_KEYS = ("smarthost", "smarthost_domains", "smarthost_username",
@@ -154,6 +155,8 @@ class OutboundSettings:
     smarthost: str | None = None
     smarthost_username: str | None = None
     smarthost_password_file: str | None = None
+    mta_sts: bool = False
+    mta_sts_port: int = 443
 
 
 def _section(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
@@ -203,6 +206,8 @@ def outbound_settings(config: Config | Mapping[str, Any]) -> OutboundSettings:
         smarthost=relay.get("smarthost"),
         smarthost_username=relay.get("smarthost_username"),
         smarthost_password_file=relay.get("smarthost_password_file"),
+        mta_sts=bool(agent.get("mta_sts", base.mta_sts)),
+        mta_sts_port=int(agent.get("mta_sts_port", base.mta_sts_port)),
     )
 
 
@@ -395,7 +400,9 @@ def check_agent(raw: Mapping[str, Any]) -> Problems:
     for key in agent:
         if key not in AGENT_KEYS:
             yield path + (key,), f"unknown key (use {', '.join(sorted(AGENT_KEYS))})"
-    for key in ("port", "max_per_connection"):
+    if not isinstance(agent.get("mta_sts", False), bool):
+        yield path + ("mta_sts",), "must be true or false"
+    for key in ("port", "max_per_connection", "mta_sts_port"):
         value = agent.get(key, 1)
         if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:
             yield path + (key,), "must be a positive integer (ports up to 65535)"
