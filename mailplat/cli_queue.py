@@ -45,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     commands = parser.add_subparsers(dest="queue_command", metavar="COMMAND")
     commands.required = True
     listing = commands.add_parser("list", parents=[common], help="every queued message (mailq)")
-    listing.add_argument("--domain", help="only messages with a recipient at DOMAIN")
+    listing.add_argument("--domain", help="only messages with a recipient at DOMAIN (e.g. "
+                         "what waits for an ODMR site)")
     listing.set_defaults(run=run_list)
     show = commands.add_parser("show", parents=[common], help="one message in detail")
     show.add_argument("queue_id", metavar="ID")
@@ -122,6 +123,8 @@ def _recipient_line(r: Recipient) -> str:
         line += f", {r.attempts} attempt{'s' if r.attempts != 1 else ''}"
     if r.state == "deferred":
         line += f", next {_when(r.next_attempt)}"
+    elif r.state == "held":  # an ODMR site's mail, waiting for the site (docs/odmr.rst)
+        line += f", waiting for its site; next check {_when(r.next_attempt)}"
     if r.last_reply and r.state != "delivered":
         line += f"\n        ({r.last_reply})"
     return line

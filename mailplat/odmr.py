@@ -54,7 +54,7 @@ class OdmrContext:
     collect: Collect | None  # None when the server has no odmr agent
     trusted: tuple[Any, ...] = ()
     connector: Connector | None = None  # ETRN's way to a site's host
-    etrn_started: list[Deferred[None]] = field(default_factory=list)  # for tests and shutdown
+    etrn_started: list[Deferred[None]] = field(default_factory=list)  # ETRN runs in progress
 
 
 def parse_domains(text: str) -> list[str] | None:
@@ -217,7 +217,9 @@ class EtrnCommands(_OdmrParts):
             started.append(deliver_to_host(self.odmr.connector, host, collect, domains, ids))
         if not started:
             return etrn_reply(458, node, "Unable to queue messages for node {node} now")
-        self.odmr.etrn_started.extend(started)
+        for run in started:  # kept while running, for tests and for the operator's logs
+            self.odmr.etrn_started.append(run)
+            run.addBoth(_forget, self.odmr.etrn_started, run)
         return etrn_reply(253, node, f"OK, {len(ids)} pending messages for node {{node}} started")
 
     def _etrn_flush(self, node: str, domain: str, subdomains: bool) -> Any:
@@ -232,7 +234,7 @@ class EtrnCommands(_OdmrParts):
             d = queue.flush(domain=domain)
             return d.addCallbacks(self._flushed, self._etrn_failed, (node,), errbackArgs=(node,))
         d = maybeDeferred(waiting_domains, queue, domain)
-        d.addCallback(lambda found: _flush_all(queue, found))
+        d.addCallback(lambda found: Deferred.fromCoroutine(_flush_all(queue, found)))
         return d.addCallbacks(self._flushed, self._etrn_failed, (node,), errbackArgs=(node,))
 
     def _flushed(self, count: int, node: str) -> R.Reply:
@@ -243,6 +245,12 @@ class EtrnCommands(_OdmrParts):
     def _etrn_failed(self, failure: Any, node: str) -> R.Reply:
         log.failure("etrn: cannot start a queue run for {node}", failure, node=node)
         return etrn_reply(458, node, "Unable to queue messages for node {node}")
+
+
+def _forget(result: object, running: list[Deferred[None]], run: Deferred[None]) -> object:
+    if run in running:
+        running.remove(run)
+    return result
 
 
 def waiting_domains(queue: Any, parent: str) -> Deferred[set[str]]:

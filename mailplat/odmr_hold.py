@@ -55,6 +55,17 @@ def domain_key(domain: str) -> str:
         return domain
 
 
+def spellings(domains: Iterable[str]) -> frozenset[str]:
+    """The domains as A-labels and as U-labels: how envelope addresses may spell them."""
+    found = set(domains)
+    for domain in list(found):
+        try:
+            found.add(domain.encode("ascii").decode("idna").lower())
+        except UnicodeError:
+            pass
+    return frozenset(found)
+
+
 # ------------------------------------------------------------------------------ the sites
 
 
@@ -146,7 +157,8 @@ def _site_problems(path: tuple[str | int, ...], site: Mapping[str, Any]) -> Prob
             problems.append((path + ("etrn_host",), f"bad endpoint {host!r}: {problem}"))
     clients = site.get("etrn_clients", [])
     if not isinstance(clients, list) or not all(_is_network(c) for c in clients):
-        problems.append((path + ("etrn_clients",), 'must be a list of networks like "192.0.2.0/24"'))
+        problems.append((path + ("etrn_clients",),
+                         'must be a list of networks like "192.0.2.0/24"'))
     return problems
 
 
@@ -332,7 +344,7 @@ async def release(queue: QueueManager, agent: HoldAgent, domains: frozenset[str]
         for qid in ids:
             if not client.usable:
                 break
-            await queue.deliver_now(qid, domains)
+            await queue.deliver_now(qid, spellings(domains))
     finally:
         await agent.end_pull(pull)
     log.info("odmr: {domains}: {delivered} delivered, {held} still held, {bounced} bounced",
@@ -343,5 +355,5 @@ async def release(queue: QueueManager, agent: HoldAgent, domains: frozenset[str]
 
 __all__ = [
     "AGENT", "HELD", "HoldAgent", "OdmrRouter", "Pull", "Site", "Sites", "check_odmr",
-    "domain_key", "odmr_router", "odmr_sites", "release", "waiting",
+    "domain_key", "odmr_router", "odmr_sites", "release", "spellings", "waiting",
 ]

@@ -32,7 +32,7 @@ from mailplat.store import DEFERRED, QueueStore
 from mailplat.submission import Security
 from mailplat.testing import MemorySink, StaticRouter, run_synchronously
 from mailplat.turnaround import Collect
-from tests.odmr_support import DATA, PASSWORD, SiteProtocol, accounts, cram_answer, hold
+from tests.odmr_support import DATA, SiteProtocol, accounts, cram_answer, hold
 from tests.support import Client, ScriptedPolicy
 
 SITES = Sites([Site("site1.example", frozenset({"siteuser"})),
@@ -98,7 +98,8 @@ class OdmrClient(Client):
     def login(self, user: str = "siteuser") -> None:
         self.send(b"EHLO site.test\r\n")
         [challenge] = self.send(b"AUTH CRAM-MD5\r\n")
-        assert self.codes(cram_answer(user, self.provider.secrets[user], challenge)) == ["235 2.7.0"]
+        answer = cram_answer(user, self.provider.secrets[user], challenge)
+        assert self.codes(answer) == ["235 2.7.0"]
 
     def site(self, data: bytes) -> list[bytes]:
         """After the turnaround: the site's bytes go to whatever protocol the transport has."""

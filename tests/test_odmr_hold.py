@@ -3,6 +3,7 @@ them through a site's client, the domain locks, routing and the [odmr] config.""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -14,9 +15,11 @@ from mailplat.interfaces import Route
 from mailplat.odmr_hold import HoldAgent, OdmrRouter, Site, Sites, odmr_sites, release, waiting
 from mailplat.queue import Held, QueueManager
 from mailplat.replies import Reply
-from mailplat.store import DEFERRED, HOLD
+from mailplat.store import DEFERRED, HOLD, QueueStore
 from mailplat.testing import StaticRouter
+from tests.odmr_support import hold
 from tests.queuefixtures import OK, QueueTestCase, route
+from tests.test_cli_queue import run_cli, short_dir
 
 SITE = Route("odmr", "site1.example", "x")
 HOUR = 3600.0
@@ -86,15 +89,16 @@ class HoldQueueTests(QueueTestCase):
     def test_release_through_client(self) -> None:
         """While a site collects, the agent sends its recipients through the site's client:
         250 delivers, 4xx keeps held (with the site's reply), 5xx bounces."""
-        env = self.submit("a@site1.example", "b@site1.example", "c@site1.example", "z@site2.example")
-        client = FakeClient({"b@site1.example": Reply(452, "4.2.2", "full"),
-                             "c@site1.example": Reply(550, "5.1.1", "unknown")})
+        env = self.submit("a@site1.example", "b@site1.example", "c@site1.example",
+                          "z@site2.example")
+        client: Any = FakeClient({"b@site1.example": Reply(452, "4.2.2", "full"),
+                                  "c@site1.example": Reply(550, "5.1.1", "unknown")})
         domains = frozenset({"site1.example"})
         self.assertTrue(self.hold_agent.lock(domains))
         ids = self.successResultOf(waiting(self.queue, domains))
         self.assertEqual(ids, [env.queue_id])
         pull = self.successResultOf(Deferred.fromCoroutine(
-            release(self.queue, self.hold_agent, domains, ids, client)))  # type: ignore[arg-type]
+            release(self.queue, self.hold_agent, domains, ids, client)))
         self.assertEqual([s[1] for s in client.sent],
                          [["a@site1.example", "b@site1.example", "c@site1.example"]])
         self.assertTrue(client.sent[0][2].endswith(b"hello\r\n"))
@@ -109,10 +113,10 @@ class HoldQueueTests(QueueTestCase):
         """After the pull ended, the agent is back to answering "held"."""
         env = self.submit("a@site1.example")
         domains = frozenset({"site1.example"})
-        client = FakeClient()
+        client: Any = FakeClient()
         client.usable = False  # gone before the first message
         self.successResultOf(Deferred.fromCoroutine(release(
-            self.queue, self.hold_agent, domains, [env.queue_id], client)))  # type: ignore[arg-type]
+            self.queue, self.hold_agent, domains, [env.queue_id], client)))
         self.successResultOf(self.queue.deliver_now(env.queue_id, domains))
         self.assertEqual(client.sent, [])
         self.assertEqual(self.recipients(env.queue_id), {"a@site1.example": HELD})
@@ -148,7 +152,8 @@ class LockTests(SynchronousTestCase):
 
     def test_held_is_a_marked_4xx(self) -> None:
         """The agent's answer without a pull is a queue.Held 4xx."""
-        result = self.successResultOf(HoldAgent().deliver(None, [(_Rcpt("a@s.example"), SITE)]))  # type: ignore[arg-type]
+        message: Any = None  # not read when the recipient is only held
+        result = self.successResultOf(HoldAgent().deliver(message, [(_Rcpt("a@s.example"), SITE)]))
         self.assertIsInstance(result["a@s.example"], Held)
         self.assertTrue(result["a@s.example"].transient)
 
@@ -213,3 +218,23 @@ class ConfigTests(SynchronousTestCase):
                          'a.example".etrn_host: bad endpoint', 'a.example".etrn_clients: must',
                          'a.example".bogus: unknown key', '"example.org": is also a local'):
             self.assertTrue(any(fragment in line for line in found), (fragment, found))
+
+
+class QueueListTests(SynchronousTestCase):
+    def test_list_domain_shows_held(self) -> None:
+        """``mailplat queue list --domain D`` shows what waits for site D, marked as such."""
+        root = short_dir(self)
+        config = os.path.join(root, "mailplat.toml")
+        with open(config, "w") as f:
+            f.write(f'data_dir = "{root}/data"\n{BASE}'
+                    '[odmr.domains."site1.example"]\naccounts = ["siteuser"]\n')
+        store = QueueStore(os.path.join(root, "data", "queue"))
+        waiting_one = hold(store, "a@site1.example", now=1_700_000_000.0)
+        hold(store, "b@site2.example")
+        status, out, _ = run_cli("queue", "list", "--domain", "site1.example", "-c", config)
+        lines = out.splitlines()
+        self.assertEqual(status, 0)
+        self.assertTrue(lines[0].startswith(waiting_one.queue_id))
+        self.assertEqual(lines[1], "    <a@site1.example>  held, 1 attempt, waiting for its "
+                                   "site; next check 2023-11-15 22:13:20Z")
+        self.assertEqual(lines[-1], f"-- 1 message, {waiting_one.size} bytes")
