@@ -3,6 +3,7 @@ the smarthost — answered by the router, applied at RCPT time, and carried out 
 
 from __future__ import annotations
 
+import os
 import smtplib
 from typing import Any
 
@@ -256,8 +257,11 @@ class DeliveryTests(TestCase):
     """A running server carries the routing answers out, end to end over loopback."""
 
     def setUp(self) -> None:
-        self.daemon = Daemon(self.mktemp(), config={"domains": {"example.org": {
-            "users": ["alice", "bob", "carol", "owner"]}}}, extra_toml=DELIVERY_TOML)
+        self.vroot = os.path.abspath(self.mktemp())
+        self.daemon = Daemon(self.mktemp(), config={"domains": {
+            "example.org": {"users": ["alice", "bob", "carol", "owner"]},
+            "virtual.example": {"users": ["vic"], "maildir_root": self.vroot},
+        }}, extra_toml=DELIVERY_TOML)
         self.server = self.daemon.in_process(self)
         self.queued = Queued()
         self.server.queue.observers.append(self.queued)
@@ -299,6 +303,11 @@ class DeliveryTests(TestCase):
             "bob@example.org", "carol@example.org", "alice+news@example.org",
             "owner@example.org"])
         await deferToThread(wait_until, lambda: not self.daemon.queue_files(), 10, "queue empty")
+
+    async def test_virtual_domain_with_own_root(self) -> None:
+        """A virtual domain's mailboxes live under its own Maildir root; subaddresses too."""
+        await self.send(["vic+x@virtual.example"], b"Subject: v\r\n\r\nhi\r\n")
+        await deferToThread(wait_for_files, os.path.join(self.vroot, "vic", "new"), 1)
 
     async def test_unknown_refused_at_rcpt(self) -> None:
         """An unknown recipient is refused at RCPT; only the known one is queued."""
