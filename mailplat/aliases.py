@@ -77,15 +77,20 @@ def expand(
     max_size: int = MAX_EXPANSION,
 ) -> Expansion:
     """Expand ``address`` depth-first; ``step`` gives an address's targets, or None when the
-    address is final. Duplicates are dropped, first occurrence kept."""
+    address is final. Duplicates are dropped, first occurrence kept; an alias met again in
+    another branch is not expanded twice (its addresses are already in), so the work stays
+    linear in the size of the alias table."""
     result = Expansion([])
     seen: set[str] = set()
+    expanded: set[str] = set()
     stack: list[tuple[str, tuple[str, ...]]] = [(address, ())]
     while stack:
         current, path = stack.pop()
         key = address_key(current)
         targets = None if key in path else step(current)
         result.loop = result.loop or key in path
+        if targets is not None and key in expanded:
+            continue
         if targets is None:
             if key not in seen:
                 seen.add(key)
@@ -95,6 +100,7 @@ def expand(
             continue
         if len(path) >= max_depth:
             raise ExpansionError(TOO_DEEP)
+        expanded.add(key)
         stack.extend((target, path + (key,)) for target in reversed(targets))
     return result
 

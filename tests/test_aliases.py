@@ -95,6 +95,20 @@ class ExpandTests(SynchronousTestCase):
         step = stepper({"a@x": [f"u{n}@x" for n in range(20)]})
         self.assertRaises(ExpansionError, expand, "a@x", step, max_size=10)
 
+    def test_shared_subtrees_expanded_once(self) -> None:
+        """A diamond-shaped table (every level names the next twice) costs one step per
+        alias, not one per path."""
+        calls: list[str] = []
+        table = {f"a{n}@x": [f"a{n + 1}@x", f"a{n + 1}@x", f"u{n}@x"] for n in range(18)}
+
+        def step(address: str) -> list[str] | None:
+            calls.append(address)
+            return table.get(address)
+
+        result = expand("a0@x", step)
+        self.assertEqual(len(result.addresses), 19)
+        self.assertLess(len(calls), 100)
+
     @given(st.dictionaries(st.sampled_from("abcdef"), st.lists(st.sampled_from("abcdefg"),
                                                                  max_size=4), max_size=6))
     def test_always_terminates(self, graph: dict[str, list[str]]) -> None:
