@@ -42,6 +42,7 @@ NOT_HERE = R.Reply(502, "5.5.1", "Command not implemented on the ODMR service")
 REVERSING = R.Reply(250, "2.0.0", "OK now reversing the connection")
 NO_MAIL = R.Reply(453, "4.3.0", "You have no mail")
 NOT_NOW = R.Reply(451, "4.3.0", "Unable to process ATRN request now")
+ODMR_IDLE = 600.0  # seconds a session may wait for the site's next command, at least
 _DOMAIN = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                      r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 
@@ -317,6 +318,9 @@ def odmr_profile(listener: ListenerConfig, server: MailServer, reactor: Any) -> 
     security = replace(security_for(shared, require_auth=True, implicit_tls=False),
                        cram_available=lambda: True)
     settings = session_settings(server.config, listener)
+    # A site may sit idle between its steps (dial-up links are slow to settle, and RFC 2645
+    # clients wait ten minutes for ATRN's answer); so do we.
+    settings = replace(settings, command_timeout=max(settings.command_timeout, ODMR_IDLE))
     factory: Any = SecureFactory(settings, server.policy, server.spool, reactor,
                                  session_class=OdmrSession, security=security)
     factory.odmr = odmr_context(server, reactor)  # the sessions find it there

@@ -7,14 +7,18 @@ import os
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailplat.config import ConfigError, parse_config
+from mailplat.odmr import EtrnRelaySession, OdmrSession
 from mailplat.envelope import BOUNCED, DELIVERED, HELD, PENDING
+from mailplat.hooks import PluginService, stop_resolver
 from mailplat.interfaces import Route
 from mailplat.odmr_hold import HoldAgent, OdmrRouter, Site, Sites, odmr_sites, release, waiting
 from mailplat.queue import Held, QueueManager
 from mailplat.replies import Reply
+from mailplat.server import MailServer
 from mailplat.store import DEFERRED, HOLD, QueueStore
 from mailplat.testing import StaticRouter
 from tests.odmr_support import hold
@@ -238,3 +242,32 @@ class QueueListTests(SynchronousTestCase):
         self.assertEqual(lines[1], "    <a@site1.example>  held, 1 attempt, waiting for its "
                                    "site; next check 2023-11-15 22:13:20Z")
         self.assertEqual(lines[-1], f"-- 1 message, {waiting_one.size} bytes")
+
+
+class ProfileTests(SynchronousTestCase):
+    def test_profiles_from_config(self) -> None:
+        """An ``odmr`` listener gets OdmrSession (idle timeout at least ten minutes) and the
+        relay listener gets ETRN; both share the server's odmr agent and queue."""
+        data = os.path.abspath(self.mktemp())
+        config = parse_config(
+            f'data_dir = "{data}"\nhostname = "mx.test"\n'
+            '[[listener]]\nname = "smtp"\nendpoint = "tcp:0:interface=127.0.0.1"\n'
+            'profile = "relay"\n[[listener]]\nname = "odmr"\n'
+            'endpoint = "tcp:0:interface=127.0.0.1"\nprofile = "odmr"\n'
+            '[domains."example.org"]\ncatch_all = true\n'
+            '[odmr.domains."site1.example"]\naccounts = ["siteuser"]\n')
+        server = MailServer(config, Clock())
+        for service in server:  # its resolver re-reads resolv.conf on the global reactor
+            if isinstance(service, PluginService):
+                stop_resolver(service.resolver)
+        odmr, relay = server.listeners["odmr"].factory, server.listeners["smtp"].factory
+        self.assertIs(odmr.protocol, OdmrSession)
+        self.assertEqual(odmr.settings.command_timeout, 600.0)
+        self.assertIs(relay.protocol, EtrnRelaySession)
+        self.assertIs(odmr.odmr, relay.odmr)
+        assert odmr.odmr.collect is not None
+        self.assertIs(odmr.odmr.collect.agent, server.agents["odmr"])
+        self.assertIs(odmr.odmr.collect.queue, server.queue)
+        route = self.successResultOf(server.router.route(_Mailbox("u", "Site1.Example")))
+        self.assertEqual((route.agent, route.relay), ("odmr", False))
+
