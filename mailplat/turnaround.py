@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
@@ -73,7 +73,13 @@ def turn_around(session: Any, collect: Collect, domains: frozenset[str],
     transport = session.transport
     client = SMTPClient(collect.hostname, collect.clock, timeouts=collect.timeouts)
     session.hand_over()
-    swap_protocol(transport, session, client)
+    try:
+        swap_protocol(transport, session, client)
+    except RuntimeError:  # a transport we do not know how to take over: nothing is lost
+        log.failure("odmr: cannot turn the connection around")
+        collect.agent.unlock(domains)
+        transport.loseConnection()
+        return succeed(None)
     client.makeConnection(transport)
     log.info("odmr: [{peer}] {user}: connection turned around for {domains}",
              peer=session.info.peer_host, user=session.info.auth_user,

@@ -315,6 +315,17 @@ class TurnaroundTests(SynchronousTestCase):
         self.assertFalse(self.provider.agent.locked("site1.example"))
         self.assertEqual(self.provider.held(), {"a@site1.example": HELD})
 
+    def test_unknown_transport(self) -> None:
+        """A transport whose protocol cannot be swapped: the link is closed and the domains
+        are free again; the mail stays held."""
+        hold(self.provider.store, "a@site1.example")
+        self.client.transport.protocol = None
+        self.assertEqual(self.client.codes(b"ATRN site1.example\r\n"), ["250 2.0.0"])
+        self.assertTrue(self.client.transport.disconnecting)
+        self.assertFalse(self.provider.agent.locked("site1.example"))
+        self.assertEqual(self.provider.held(), {"a@site1.example": HELD})
+        self.flushLoggedErrors(RuntimeError)
+
     def test_session_stops_reading(self) -> None:
         """Once turned around, nothing reaches the ODMR session any more."""
         hold(self.provider.store, "a@site1.example")
