@@ -14,7 +14,7 @@ from mailplat.interfaces import Action, IPolicyPluginFactory
 
 RESERVED = ("timeout", "on_error")  # keys of [plugin.NAME] that the chain itself reads
 ON_ERROR = {"tempfail": Action.TEMPFAIL, "continue": Action.CONTINUE}
-PLUGINS_KEYS = ("order", "timeout", "nameservers", "threads")
+PLUGINS_KEYS = ("order", "timeout", "threads")
 
 
 def factories() -> dict[str, Any]:
@@ -68,9 +68,6 @@ def _check_plugins_table(plugins: Mapping[str, Any], found: Mapping[str, Any]) -
         yield ("plugins", "order"), "a plugin is listed twice"
     yield from _convert(plugins, ("plugins",), "timeout", C.parse_duration)
     yield from _convert(plugins, ("plugins",), "threads", _positive)
-    servers = plugins.get("nameservers", [])
-    if not isinstance(servers, list) or not all(_nameserver_ok(s) for s in servers):
-        yield ("plugins", "nameservers"), 'must be a list like ["127.0.0.1", "[::1]:5353"]'
 
 
 def _check_section(name: str, section: Mapping[str, Any], factory: Any) -> Iterator[
@@ -99,29 +96,6 @@ def _positive(value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{value!r} is not a positive integer")
     return value
-
-
-def parse_nameserver(text: str) -> tuple[str, int]:
-    """"192.0.2.1", "192.0.2.1:5353", "::1" or "[::1]:5353" as (host, port)."""
-    if text.startswith("["):
-        host, _, port = text[1:].partition("]")
-        port = port.lstrip(":") or "53"
-    elif text.count(":") == 1:
-        host, _, port = text.partition(":")
-    else:
-        host, port = text, "53"
-    ipaddress.ip_address(host)
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad port in {text!r}")
-    return host, int(port)
-
-
-def _nameserver_ok(value: object) -> bool:
-    try:
-        parse_nameserver(str(value)) if isinstance(value, str) else None
-    except ValueError:
-        return False
-    return isinstance(value, str)
 
 
 def register_config() -> None:

@@ -33,7 +33,7 @@ from mailplat.interfaces import (
     Verdict,
 )
 from mailplat.hookconfig import (
-    ON_ERROR, factories, parse_nameserver, plugin_sections, register_config,
+    ON_ERROR, factories, plugin_sections, register_config,
 )
 from mailplat.policy import Guard, PolicyChain
 
@@ -260,16 +260,13 @@ def build_chain(
     )
 
 
-def make_context(config: C.Config, reactor: Any) -> tuple[PluginContext, Any]:
-    """The context plugins are built with, and the bounded thread pool behind run_in_thread
-    (started and stopped by PluginService)."""
+def make_context(config: C.Config, reactor: Any, resolver: Any) -> tuple[PluginContext, Any]:
+    """The context plugins are built with (``resolver`` is the server's one [dns] resolver),
+    and the bounded thread pool behind run_in_thread (started and stopped by PluginService)."""
     from twisted.internet.threads import deferToThreadPool
-    from twisted.names import client
     from twisted.python.threadpool import ThreadPool
 
     plugins, _ = plugin_sections(config.raw)
-    servers = [parse_nameserver(s) for s in plugins.get("nameservers", [])]
-    resolver = client.createResolver(servers=servers or None)  # no reactor parameter
     pool = ThreadPool(minthreads=0, maxthreads=int(plugins.get("threads", 4)), name="plugins")
 
     def run_in_thread(f: Any, *args: Any) -> Deferred[Any]:
@@ -293,10 +290,9 @@ class PluginService(Service):
 
     name = "plugins"
 
-    def __init__(self, loaded: list[Loaded], pool: Any = None, resolver: Any = None) -> None:
+    def __init__(self, loaded: list[Loaded], pool: Any = None) -> None:
         self.loaded = loaded
         self.pool = pool
-        self.resolver = resolver
 
     def startService(self) -> None:
         super().startService()
@@ -313,17 +309,7 @@ class PluginService(Service):
         d = DeferredList(stops)
         if self.pool is not None:
             d.addBoth(lambda _: self.pool.stop())
-        stop_resolver(self.resolver)
         return d
-
-
-def stop_resolver(resolver: Any) -> None:
-    """Cancel the timer with which twisted.names re-reads resolv.conf every minute; it has
-    no stop method, and a stopped server must leave no timers behind."""
-    for part in getattr(resolver, "resolvers", [resolver]):
-        call = getattr(part, "_parseCall", None)
-        if call is not None and call.active():
-            call.cancel()
 
 
 __all__ = ["HookChain", "Notes", "PolicyPlugin", "factories", "forget", "is_allowlisted",

@@ -213,7 +213,8 @@ class AgentContext:
 
     ``config`` is the whole Config (agents with settings outside [agent.NAME]), ``router`` the
     server's IRouter and ``sink`` its spool (an IMessageSink), for agents that put a message
-    back into the queue (list expansion); all three are None in a bare context.
+    back into the queue (list expansion); all three are None in a bare context. ``resolver``
+    is the server's one twisted.names resolver (``[dns]``), shared with the policy plugins.
     """
 
     reactor: object
@@ -221,3 +222,4 @@ class AgentContext:
     config: Any = None
     router: Any = None
     sink: Any = None
+    resolver: Any = None

@@ -292,7 +292,9 @@ def make_agent(context: AgentContext, overrides: Mapping[str, Any] | None = None
     """The agent for a server: settings from the whole config (see routeconfig.py)."""
     raw = context.config.raw if context.config is not None else {}
     settings = outbound_settings(raw)
-    resolver = make_resolver(settings.nameservers, context.reactor, settings.dns_timeout)
+    resolver = context.resolver
+    if resolver is None:
+        resolver = make_resolver(settings.nameservers, context.reactor, settings.dns_timeout)
     mail_resolver = MailResolver(resolver, settings.families, hostname=context.hostname,
                                  timeout=settings.dns_timeout)
     return RelayAgent(mail_resolver, settings, context.reactor, context.hostname,

@@ -18,6 +18,7 @@ from twisted.plugin import getPlugins
 import mailplat.plugins
 from mailplat.config import Config
 from mailplat.control import control_service
+from mailplat.dns import make_resolver
 from mailplat.dsn import Notifier
 from mailplat.groupsync import GroupSyncer
 from mailplat.interfaces import AgentContext, IDeliveryAgent, IDeliveryAgentFactory
@@ -26,6 +27,7 @@ from mailplat.hooks import PluginService, build_chain, load_plugins, make_contex
 from mailplat.odmr_hold import odmr_router
 from mailplat.policy import DefaultPolicy
 from mailplat.queue import QueueManager
+from mailplat.routeconfig import outbound_settings
 from mailplat.routing import LocalRouter
 from mailplat.spool import Spool
 from mailplat.store import QueueStore
@@ -56,9 +58,12 @@ class MailServer(MultiService):
         # Built before the queue so that agents which put mail back into it (list expansion)
         # get the one spool; commits reach the queue once it exists.
         self.spool = Spool(self.store, self.syncer, lambda e: self.queue.submit(e), reactor)
+        # One DNS resolver ([dns]) for MX lookups and for the policy plugins alike.
+        settings = outbound_settings(config)
+        self.resolver = make_resolver(settings.nameservers, reactor, settings.dns_timeout)
         agent_context = AgentContext(
             reactor=reactor, hostname=config.hostname, config=config, router=self.router,
-            sink=self.spool,
+            sink=self.spool, resolver=self.resolver,
         )
         self.agents = load_agents(config, agent_context)
         self.queue = QueueManager(
@@ -68,12 +73,12 @@ class MailServer(MultiService):
         )
         self.queue.setServiceParent(self)
         # Policy plugins ([plugins] order) run after the routing/relay check; see hooks.py.
-        context, pool = make_context(config, reactor)
+        context, pool = make_context(config, reactor, self.resolver)
         self.plugins = load_plugins(config.raw, context)
         default = DefaultPolicy(self.router, config.trusted_networks)
         self.policy = build_chain(default, self.plugins, context)
         self.queue.observers.extend(observers(self.plugins))
-        PluginService(self.plugins, pool, context.resolver).setServiceParent(self)
+        PluginService(self.plugins, pool).setServiceParent(self)
         self.listeners: dict[str, Any] = {}
         for listener in config.listeners:
             factory = build_factory(listener, self, reactor)

@@ -335,25 +335,20 @@ colour = "grey"
             parse_config(BASE + '[plugins]\norder = ["dnsbl"]\n')
         self.assertIn("plugin.dnsbl.zones", str(caught.exception))
 
-    def test_make_context_and_plugin_service_leave_no_timers(self) -> None:
-        """make_context builds a real resolver, and stopping the PluginService cancels its
-        resolv.conf re-read timer (a stopped server leaves nothing on the reactor)."""
+    def test_make_context_shares_the_servers_resolver(self) -> None:
+        """Plugins get the server's one [dns] resolver, and the PluginService starts and
+        stops its thread pool with the server."""
         from twisted.internet import reactor
 
-        context, pool = hooks.make_context(parse_config(BASE), reactor)
-        service = hooks.PluginService([], pool, context.resolver)
+        resolver = FakeResolver()
+        context, pool = hooks.make_context(parse_config(BASE), reactor, resolver)
+        self.assertIs(context.resolver, resolver)
+        service = hooks.PluginService([], pool)
         service.startService()
-        timers = [p._parseCall for p in context.resolver.resolvers if hasattr(p, "_parseCall")]
-        self.assertTrue(timers)
+        self.assertTrue(pool.started)
         self.successResultOf(service.stopService())
-        self.assertEqual([t.active() for t in timers], [False] * len(timers))
+        self.assertFalse(pool.started)
 
-    def test_nameservers(self) -> None:
-        """Nameserver entries accept host, host:port and [v6]:port."""
-        self.assertEqual(hooks.parse_nameserver("127.0.0.1:5353"), ("127.0.0.1", 5353))
-        self.assertEqual(hooks.parse_nameserver("[::1]:53"), ("::1", 53))
-        self.assertEqual(hooks.parse_nameserver("::1"), ("::1", 53))
-        self.assertRaises(ValueError, hooks.parse_nameserver, "dns.example")
 
 
 def _context(clock: Clock, data_dir: str = "/nonexistent") -> Any:

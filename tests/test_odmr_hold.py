@@ -13,7 +13,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailplat.config import ConfigError, parse_config
 from mailplat.odmr import EtrnRelaySession, OdmrSession
 from mailplat.envelope import BOUNCED, DELIVERED, HELD, PENDING
-from mailplat.hooks import PluginService, stop_resolver
 from mailplat.interfaces import Route
 from mailplat.odmr_hold import HoldAgent, OdmrRouter, Site, Sites, odmr_sites, release, waiting
 from mailplat.queue import Held, QueueManager
@@ -257,9 +256,6 @@ class ProfileTests(SynchronousTestCase):
             '[domains."example.org"]\ncatch_all = true\n'
             '[odmr.domains."site1.example"]\naccounts = ["siteuser"]\n')
         server = MailServer(config, Clock())
-        for service in server:  # its resolver re-reads resolv.conf on the global reactor
-            if isinstance(service, PluginService):
-                stop_resolver(service.resolver)
         odmr, relay = server.listeners["odmr"].factory, server.listeners["smtp"].factory
         self.assertIs(odmr.protocol, OdmrSession)
         self.assertEqual(odmr.settings.command_timeout, 600.0)

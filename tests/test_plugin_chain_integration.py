@@ -38,7 +38,7 @@ class PluginChainTests(TestCase):
     timeout = 60
 
     def daemon(self, order: list[str], dns_port: int, **sections: Any) -> Daemon:
-        config = {"plugins": {"order": order, "nameservers": [f"127.0.0.1:{dns_port}"]},
+        config = {"plugins": {"order": order}, "dns": {"nameservers": [f"127.0.0.1:{dns_port}"]},
                   "plugin": sections}
         return Daemon.started(self, config=config)
 
