@@ -51,10 +51,14 @@ class MailplatServer:
 
     name = "mailplat"
 
-    def __init__(self, message_size: int, source: str = REPO, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, message_size: int, source: str = REPO, env: dict[str, str] | None = None,
+        twistd_args: list[str] | None = None,
+    ) -> None:
         self.message_size = message_size
         self.source = source  # the checkout whose mailplat package is measured
         self.extra_env = env or {}
+        self.twistd_args = twistd_args or []  # e.g. --profile=FILE --profiler=cprofile
         self.base = ""
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
@@ -75,8 +79,8 @@ class MailplatServer:
             f.write(render_config(self.base, self.port, self.message_size))
         env = dict(os.environ, PYTHONPATH=self.source + os.pathsep + os.environ.get("PYTHONPATH", ""))
         env.update(self.extra_env)
-        command = [sys.executable, "-c", TWISTD, "-n", "--pidfile=",
-                   "--logfile", self.log_path, "mailplat", "--config", config]
+        command = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile", self.log_path,
+                   *self.twistd_args, "mailplat", "--config", config]
         self.process = subprocess.Popen(
             command, cwd=self.base, env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.base, "stderr"), "wb"),

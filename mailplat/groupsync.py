@@ -9,32 +9,14 @@ makes its own rename durable (a round already running may have missed it).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import Iterable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-T = TypeVar("T")
-
-# runInThread(f, *args) -> Deferred firing with f(*args) computed off the reactor thread.
-RunInThread = Callable[..., "Deferred[Any]"]
-
-
-def thread_runner(reactor: Any = None) -> RunInThread:
-    """The default ``runInThread``: the reactor's thread pool, so fsync never blocks it."""
-
-    def run(f: Callable[..., T], *args: Any) -> "Deferred[T]":
-        from twisted.internet.threads import deferToThreadPool
-
-        nonlocal reactor
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
-        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
-
-    return run
+# The thread runner lives in mailplat.workers; these names stay importable from here.
+from mailplat.workers import RunInThread, thread_runner
 
 
 def fsync_dir(path: str) -> None:
@@ -90,3 +72,7 @@ class GroupSyncer:
                 waiter.callback(None)
         if self._waiters and not self._running:
             self._start_round()
+
+
+
+__all__ = ["GroupSyncer", "RunInThread", "fsync_dir", "fsync_dirs", "thread_runner"]

@@ -37,6 +37,7 @@ from mailplat.queuenotices import QueueNotices, owes_notice
 from mailplat.replies import LOCAL_ERROR, Reply
 from mailplat.schedule import DueQueue, RetrySchedule
 from mailplat.store import ACTIVE, DEFERRED, HOLD, INCOMING, QueueStore
+from mailplat.workers import Batcher
 
 log = Logger()
 
@@ -130,6 +131,8 @@ class QueueManager(QueueCommands, QueueNotices, Service):
         self.random = random.Random()
         self.due = DueQueue(reactor, self._start, self._has_room)
         self._busy: set[str] = set()  # queue ids with an attempt in flight
+        # Renames and unlinks of the data path, off the reactor thread and many per hop.
+        self._files = Batcher(store.in_thread)
         self._forced: dict[str, frozenset[str]] = {}  # flushed ids -> domains (empty: all)
         self._idle_waiters: dict[str, list[Deferred[None]]] = {}
         self.observers: list[Any] = []  # IQueueObservers (plugins), told about every event
@@ -219,16 +222,23 @@ class QueueManager(QueueCommands, QueueNotices, Service):
         """A message was just committed to incoming/ (the spool's on_commit): deliver it now,
         or as soon as the number of messages in flight allows."""
         qid = envelope.queue_id
-        try:
-            self.store.move(qid, INCOMING, ACTIVE)
-        except OSError:
-            log.failure("{qid}: cannot activate", qid=qid)
+        self._busy.add(qid)  # no operator command acts on it while it is being activated
+        d = self._files.run(self.store.move, qid, INCOMING, ACTIVE)
+        return d.addBoth(self._activated, envelope)
+
+    def _activated(self, result: object, envelope: Envelope) -> "Deferred[None] | None":
+        qid = envelope.queue_id
+        if isinstance(result, Failure):
+            log.failure("{qid}: cannot activate", result, qid=qid)
             self._schedule(qid, self.reactor.seconds() + self.schedule.first)
-            return succeed(None)
+            self._attempt_done(qid)
+            return None
         self._notify("queued", envelope)
+        self._busy.discard(qid)  # _attempt takes it again at once; waiters stay registered
         if not self._has_room():
             self._schedule(qid, self.reactor.seconds())
-            return succeed(None)
+            self._attempt_done(qid)
+            return None
         return self._attempt(envelope)
 
     # -- one delivery attempt ---------------------------------------------------------------
@@ -394,7 +404,7 @@ class QueueManager(QueueCommands, QueueNotices, Service):
         qid = envelope.queue_id
         owes = owes_notice(envelope)
         if envelope.finished and not owes:
-            self.store.remove(qid)
+            await self._files.run(self.store.remove, qid, ACTIVE)
             log.info("{qid}: removed", qid=qid)
             return
         # Replace the envelope in place, then one rename: never two copies in two states.

@@ -111,12 +111,12 @@ class IncomingMessage:
         return Deferred.fromCoroutine(self._commit()).addCallbacks(self._committed, self._failed)
 
     async def _commit(self) -> Envelope:
-        """The commit order: data fsync'd, envelope written into incoming/, then one shared
-        round syncs incoming/ and data/ (the new entries) — and only then is it durable."""
+        """The commit order: data fsync'd, envelope written into incoming/ (both in one thread
+        hop), then one shared round syncs incoming/ and data/ (the new entries) — and only
+        then is it durable."""
         spool, store = self._spool, self._spool.store
-        await spool.runInThread(_fsync_and_close, self._data)
         envelope = self._envelope()
-        await store.write_envelope(envelope, INCOMING, sync=False)
+        await spool.runInThread(_store_files, self._data, store, envelope)
         await spool.syncer.sync_dirs([store.state_dir(INCOMING), store.data_dir])
         return envelope
 
@@ -185,6 +185,12 @@ class IncomingMessage:
             # Never fatal: the client still gets its 4xx; recovery deletes what is left.
             log.error("{qid}: cannot remove discarded message: {error}", qid=self.queue_id,
                       error=e)
+
+
+def _store_files(data: IO[bytes], store: QueueStore, envelope: Envelope) -> None:
+    """Blocking: the data made durable first, then the envelope that points at it."""
+    _fsync_and_close(data)
+    store.write_envelope_now(envelope, INCOMING)
 
 
 def _fsync_and_close(data: IO[bytes]) -> None:

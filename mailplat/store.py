@@ -110,14 +110,22 @@ class QueueStore:
             d.addCallback(lambda _: self.syncer.sync_dirs(dirs))
         return d
 
+    def write_envelope_now(self, envelope: Envelope, state: str) -> None:
+        """Blocking write_envelope without the directory sync, for callers already in a thread
+        (the spool commits data and envelope in one thread hop)."""
+        self._write_envelope_file(envelope, state)
+
     def _write_envelope_file(self, envelope: Envelope, state: str) -> None:
         """Blocking part of write_envelope: tmp file, fsync, atomic rename."""
         tmp = os.path.join(self.tmp_dir, f"{envelope.queue_id}.{threading.get_ident()}")
         try:
-            with open(tmp, "wb") as f:
-                f.write(envelope.to_json())
-                f.flush()
-                os.fsync(f.fileno())
+            # os-level calls: a buffered file object would add fstat, isatty and lseek calls.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                _write_all(fd, envelope.to_json())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.rename(tmp, self.envelope_path(envelope.queue_id, state))
         except BaseException:
             _unlink_quietly(tmp)
@@ -160,11 +168,13 @@ class QueueStore:
         """Run blocking queue reads off the reactor thread."""
         return self._run(f, *args)
 
-    def remove(self, qid: str) -> None:
+    def remove(self, qid: str, state: str | None = None) -> None:
         """Forget a message: envelope first, so a crash can only leave orphan data behind,
-        which recovery removes."""
-        for state in STATES:
-            _unlink_quietly(self.envelope_path(qid, state))
+        which recovery removes. ``state``, when the caller knows it, spares the look into
+        every other state directory (unless the envelope is not there after all)."""
+        if state is None or not _unlink_quietly(self.envelope_path(qid, state)):
+            for each in STATES:
+                _unlink_quietly(self.envelope_path(qid, each))
         _unlink_quietly(self.data_path(qid))
 
     def list_ids(self, state: str) -> list[str]:
@@ -196,13 +206,20 @@ class QueueStore:
         return found
 
 
-def _unlink_quietly(path: str) -> None:
-    """Remove a file that may be gone; ENOTDIR too means no file can be there (its directory
-    was replaced by a file), and must not stop the caller from removing the rest."""
+def _unlink_quietly(path: str) -> bool:
+    """Remove a file that may be gone (False then); ENOTDIR too means no file can be there
+    (its directory was replaced by a file), and must not stop the caller from removing the rest."""
     try:
         os.unlink(path)
+        return True
     except (FileNotFoundError, NotADirectoryError):
-        pass
+        return False
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def is_disk_full(error: BaseException | None) -> bool:

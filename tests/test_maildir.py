@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 import re
+import shutil
 import stat
 import threading
 
@@ -68,6 +70,24 @@ class DeliverFileTests(Helpers, SynchronousTestCase):
         path = deliver_file(self.source(), self.mktemp(), "mx")
         with open(path, "rb") as f:
             self.assertEqual(f.read(), BODY)
+
+    def test_stream_without_file_descriptor(self) -> None:
+        """A stream that is no plain file (added header fields) is copied byte for byte."""
+        maildir = self.mktemp()
+        path = mailplat.maildir.deliver_stream(io.BytesIO(BODY), maildir, "mx")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), BODY)
+        self.assertTrue(path.endswith(f",S={len(BODY)}"))
+
+    def test_maildir_removed_after_first_delivery(self) -> None:
+        """A maildir deleted behind our back fails one delivery (ENOENT) and is recreated by
+        the next attempt."""
+        maildir = self.mktemp()
+        deliver_file(self.source(), maildir, "mx")
+        shutil.rmtree(maildir)
+        self.assertRaises(FileNotFoundError, deliver_file, self.source(), maildir, "mx")
+        path = deliver_file(self.source(), maildir, "mx")
+        self.assertEqual(os.listdir(os.path.join(maildir, "new")), [os.path.basename(path)])
 
     def test_creates_maildir_private(self) -> None:
         """First delivery creates tmp/, new/ and cur/ with mode 0700."""

@@ -78,14 +78,21 @@ class CommitTests(SpoolTestMixin, SynchronousTestCase):
 
     def test_250_only_after_data_envelope_and_directories_are_durable(self) -> None:
         """The reply waits for the data fsync, then the envelope write, then the dir sync."""
+        synced: list[str] = []
+        real_fsync = os.fsync
+
+        def fsync(fd: int) -> None:
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            real_fsync(fd)
+
+        self.patch(os, "fsync", fsync)
         message = self.spool.begin(SESSION, transaction())
         message.write(b"Subject: hi\r\n\r\nbody\r\n")
         d = message.finish(transaction())
-        self.assertEqual(self.threads.calls[0][0].__name__, "_fsync_and_close")
-        self.threads.run_next()  # data fsync'd
-        self.assertNoResult(d)
         self.assertEqual(self.store.list_ids(INCOMING), [])
-        self.threads.run_next()  # envelope written, fsync'd and renamed
+        self.threads.run_next()  # data fsync'd, then the envelope written, fsync'd and renamed
+        self.assertEqual(synced[0], os.path.abspath(self.store.data_path(message.queue_id)))
+        self.assertTrue(synced[1].startswith(os.path.abspath(self.store.tmp_dir)))
         self.assertEqual(self.store.list_ids(INCOMING), [message.queue_id])
         self.assertNoResult(d)
         _, args, _ = self.threads.calls[0]  # the directory sync round

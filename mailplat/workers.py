@@ -1,0 +1,118 @@
+"""Worker threads for blocking disk work (fsync, rename, Maildir copies), and batching of it.
+
+Twisted's reactor pool hands every job to an idle, sleeping worker, so each thread hop pays a
+wake-up (a futex and a context switch, tens of microseconds on a virtual machine) while the
+reactor holds the GIL. Here the workers take jobs from one shared queue: under load a worker
+that finishes a job picks up the next one without anybody being woken. ``Batcher`` goes one
+step further for cheap metadata calls: one hop for everything queued meanwhile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+T = TypeVar("T")
+
+# runInThread(f, *args) -> Deferred firing with f(*args) computed off the reactor thread.
+RunInThread = Callable[..., "Deferred[Any]"]
+
+POOL_SIZE = 10  # as many as Twisted's reactor pool: enough fsyncs in flight to share commits
+_pool: ThreadPoolExecutor | None = None
+
+
+def _shared_pool() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(POOL_SIZE, thread_name_prefix="mailplat-disk")
+    return _pool
+
+
+def thread_runner(reactor: Any = None) -> RunInThread:
+    """The default ``runInThread``: the shared disk workers, so fsync never blocks the reactor."""
+
+    def run(f: Callable[..., T], *args: Any) -> "Deferred[T]":
+        nonlocal reactor
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        d: Deferred[T] = Deferred()
+        future = _shared_pool().submit(_capture, f, args)
+        future.add_done_callback(lambda done: reactor.callFromThread(_fire, d, done))
+        return d
+
+    return run
+
+
+def _capture(f: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    """Runs in the worker: an exception becomes a Failure here, where its traceback is."""
+    try:
+        return f(*args)
+    except BaseException:
+        return _Raised(Failure())
+
+
+class _Raised:
+    def __init__(self, failure: Failure) -> None:
+        self.failure = failure
+
+
+def _fire(d: Deferred[Any], done: Future[Any]) -> None:
+    result = done.result()
+    if isinstance(result, _Raised):
+        d.errback(result.failure)
+    else:
+        d.callback(result)
+
+
+class Batcher:
+    """Runs small blocking jobs (renames, unlinks) off the reactor thread, many per hop.
+
+    A metadata call on a busy filesystem can wait for a journal commit, so the reactor must
+    not make it; but a thread hop per rename costs more than the rename. Jobs queued while a
+    batch runs go together in the next one. Jobs run one at a time in the order they were
+    given, so two jobs on the same queue entry never race.
+    """
+
+    def __init__(self, runInThread: RunInThread) -> None:
+        self._run = runInThread
+        self._jobs: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+        self._running = False
+        self.batches = 0  # how many hops ran; lets tests see the sharing
+
+    def run(self, f: Callable[..., T], *args: Any) -> "Deferred[T]":
+        """Fire with ``f(*args)``, computed in a thread, or with its exception."""
+        waiter: Deferred[T] = Deferred()
+        self._jobs.append((f, args, waiter))
+        if not self._running:
+            self._start_batch()
+        return waiter
+
+    def _start_batch(self) -> None:
+        jobs, self._jobs = self._jobs, []
+        self._running = True
+        self.batches += 1
+        d = self._run(_run_jobs, [(f, args) for f, args, _ in jobs])
+        d.addBoth(self._batch_done, [waiter for _, _, waiter in jobs])
+
+    def _batch_done(self, results: Any, waiters: list[Deferred[Any]]) -> None:
+        self._running = False
+        for index, waiter in enumerate(waiters):
+            if isinstance(results, Failure):
+                waiter.errback(results)
+            elif isinstance(results[index], _Raised):
+                waiter.errback(results[index].failure)
+            else:
+                waiter.callback(results[index])
+        if self._jobs and not self._running:
+            self._start_batch()
+
+
+def _run_jobs(jobs: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> list[Any]:
+    """Blocking: each job's result, or its failure; one failing job does not stop the rest."""
+    return [_capture(f, args) for f, args in jobs]

@@ -1,0 +1,69 @@
+"""Disk worker threads and the Batcher: results, failures, order, and sharing of thread hops."""
+
+from __future__ import annotations
+
+import errno
+import threading
+
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from mailplat.testing import ManualThreads
+from mailplat.workers import Batcher, thread_runner
+
+
+def fail(code: int) -> None:
+    raise OSError(code, "boom")
+
+
+class BatcherTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.threads = ManualThreads()
+        self.batcher = Batcher(self.threads)
+
+    def test_jobs_queued_meanwhile_share_one_hop(self) -> None:
+        """While one batch runs, new jobs wait and then go together in the next single hop."""
+        log: list[int] = []
+        first = self.batcher.run(log.append, 1)
+        later = [self.batcher.run(log.append, n) for n in (2, 3, 4)]
+        self.assertEqual(self.threads.pending, 1)
+        self.threads.run_next()
+        self.successResultOf(first)
+        self.assertEqual(self.threads.pending, 1)  # 2, 3 and 4 in one hop
+        self.threads.run_next()
+        for d in later:
+            self.successResultOf(d)
+        self.assertEqual((log, self.batcher.batches), ([1, 2, 3, 4], 2))
+
+    def test_results_go_to_their_callers(self) -> None:
+        """Each caller gets its own job's return value."""
+        ds = [self.batcher.run(lambda n=n: n * 10) for n in range(3)]
+        self.threads.run_all()
+        self.assertEqual([self.successResultOf(d) for d in ds], [0, 10, 20])
+
+    def test_one_failing_job_fails_only_its_caller(self) -> None:
+        """An exception reaches the caller of that job; the other jobs of the batch still run."""
+        self.batcher.run(lambda: None)
+        bad = self.batcher.run(fail, errno.EIO)
+        good = self.batcher.run(lambda: "ok")
+        self.threads.run_all()
+        self.assertEqual(self.failureResultOf(bad, OSError).value.errno, errno.EIO)
+        self.assertEqual(self.successResultOf(good), "ok")
+
+
+class ThreadRunnerTests(TestCase):
+    async def test_runs_off_the_reactor_thread(self) -> None:
+        """The default runner computes the call in another thread and fires in the reactor's."""
+        from twisted.internet import reactor
+
+        run = thread_runner(reactor)
+        name = await run(lambda: threading.current_thread().name)
+        self.assertNotEqual(name, threading.current_thread().name)
+
+    async def test_exception_becomes_failure(self) -> None:
+        """An exception in the worker fails the Deferred with that exception."""
+        from twisted.internet import reactor
+
+        run = thread_runner(reactor)
+        with self.assertRaises(OSError) as caught:
+            await run(fail, errno.ENOSPC)
+        self.assertEqual(caught.exception.errno, errno.ENOSPC)
