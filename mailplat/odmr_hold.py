@@ -257,11 +257,15 @@ class HoldAgent:
         """Unregister once the transaction in flight (if any) has its reply."""
         await pull.lock.acquire()
         try:
-            for domain in pull.domains:
-                if self._pulls.get(domain) is pull:
-                    del self._pulls[domain]
+            self.drop_pull(pull)
         finally:
             pull.lock.release()
+
+    def drop_pull(self, pull: Pull) -> None:
+        """Unregister at once (the pull is being abandoned: nothing can wait for it)."""
+        for domain in pull.domains:
+            if self._pulls.get(domain) is pull:
+                del self._pulls[domain]
 
     # -- IDeliveryAgent ------------------------------------------------------------------
 
@@ -345,8 +349,14 @@ async def release(queue: QueueManager, agent: HoldAgent, domains: frozenset[str]
             if not client.usable:
                 break
             await queue.deliver_now(qid, spellings(domains))
-    finally:
+    except GeneratorExit:
+        # Garbage-collected while suspended: a coroutine may not await any more here.
+        agent.drop_pull(pull)
+        raise
+    except BaseException:
         await agent.end_pull(pull)
+        raise
+    await agent.end_pull(pull)
     log.info("odmr: {domains}: {delivered} delivered, {held} still held, {bounced} bounced",
              domains=",".join(sorted(domains)), delivered=pull.delivered, held=pull.held,
              bounced=pull.bounced)
