@@ -183,7 +183,8 @@ class PolicyChain:
         method: Callable[..., Deferred[Verdict]] = getattr(policy, hook)
         result: Deferred[Verdict] = maybeDeferred(method, *args)
         timeout = self.timeout if guard.timeout is None else guard.timeout
-        result.addTimeout(timeout, self.clock)
+        if not result.called:  # an answer given at once needs no timer (set and cancelled)
+            result.addTimeout(timeout, self.clock)
         return result.addCallback(self._checked, policy, hook).addErrback(
             self._failed, policy, hook, guard, timeout
         )

@@ -1,9 +1,10 @@
 """The spool writer: where SMTP sessions stream a message into the queue.
 
 The bytes go straight to ``data/<qid>`` while they arrive. At the end of data the file is
-fsync'd, the envelope is written into ``incoming/`` and both directories are fsync'd in a shared
-round; only then does the client get 250. Any failure answers 451/452, never 250 or 5xx, since
-the client still holds the message and can simply try again.
+fsync'd, the envelope is written into ``incoming/`` and both directories are fsync'd (in a
+round shared with concurrent commits, if any); only then does the client get 250. Any failure
+answers 451/452, never 250 or 5xx, since the client still holds the message and can simply
+try again.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailplat.envelope import Envelope, SessionInfo, Transaction
-from mailplat.groupsync import GroupSyncer, RunInThread, thread_runner
+from mailplat.groupsync import GroupSyncer, RunInThread, fsync_dirs, thread_runner
 from mailplat.interfaces import IIncomingMessage, IMessageSink, SpoolError
 from mailplat.replies import LOCAL_ERROR, SPOOL_FULL, Reply
 from mailplat.store import INCOMING, QueueStore, is_disk_full
@@ -52,6 +53,7 @@ class Spool:
         self.on_commit = on_commit
         self.reactor = reactor
         self.runInThread = runInThread or thread_runner(reactor)
+        self.committing = 0  # commits in flight: a lone one needs no shared sync round
 
     def begin(self, session: SessionInfo, transaction: Transaction) -> "IncomingMessage":
         """Open the data file of a new message; SpoolError when the disk refuses."""
@@ -116,8 +118,17 @@ class IncomingMessage:
         then is it durable."""
         spool, store = self._spool, self._spool.store
         envelope = self._envelope()
-        await spool.runInThread(_store_files, self._data, store, envelope)
-        await spool.syncer.sync_dirs([store.state_dir(INCOMING), store.data_dir])
+        dirs = [store.state_dir(INCOMING), store.data_dir]
+        # A lone commit syncs the directories in its own hop: there is nobody to share a
+        # round with, and a second hop would only add latency. Concurrent ones share rounds.
+        alone = spool.committing == 0
+        spool.committing += 1
+        try:
+            await spool.runInThread(_store_files, self._data, store, envelope, dirs if alone else [])
+            if not alone:
+                await spool.syncer.sync_dirs(dirs)
+        finally:
+            spool.committing -= 1
         return envelope
 
     def _envelope(self) -> Envelope:
@@ -187,10 +198,12 @@ class IncomingMessage:
                       error=e)
 
 
-def _store_files(data: IO[bytes], store: QueueStore, envelope: Envelope) -> None:
-    """Blocking: the data made durable first, then the envelope that points at it."""
+def _store_files(data: IO[bytes], store: QueueStore, envelope: Envelope, dirs: list[str]) -> None:
+    """Blocking: the data made durable first, then the envelope that points at it, then
+    (when given) the directories holding both."""
     _fsync_and_close(data)
     store.write_envelope_now(envelope, INCOMING)
+    fsync_dirs(dirs)
 
 
 def _fsync_and_close(data: IO[bytes]) -> None:

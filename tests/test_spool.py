@@ -11,6 +11,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+import mailplat.spool
 from mailplat.envelope import Envelope, Recipient, SessionInfo, Transaction
 from mailplat.groupsync import GroupSyncer
 from mailplat.interfaces import IIncomingMessage, IMessageSink, SpoolError
@@ -76,8 +77,8 @@ class CommitTests(SpoolTestMixin, SynchronousTestCase):
         with open(self.store.data_path(message.queue_id), "rb") as f:
             self.assertEqual(f.read(), b"Subject: hi\r\n\r\nbody\r\n")
 
-    def test_250_only_after_data_envelope_and_directories_are_durable(self) -> None:
-        """The reply waits for the data fsync, then the envelope write, then the dir sync."""
+    def record_fsyncs(self) -> list[str]:
+        """Patch os.fsync to note the path of everything fsync'd, in order."""
         synced: list[str] = []
         real_fsync = os.fsync
 
@@ -86,21 +87,59 @@ class CommitTests(SpoolTestMixin, SynchronousTestCase):
             real_fsync(fd)
 
         self.patch(os, "fsync", fsync)
+        return synced
+
+    def test_250_only_after_data_envelope_and_directories_are_durable(self) -> None:
+        """The reply waits for the data fsync, then the envelope write, then the dir sync; a
+        lone commit does all three in one thread hop."""
+        synced = self.record_fsyncs()
         message = self.spool.begin(SESSION, transaction())
         message.write(b"Subject: hi\r\n\r\nbody\r\n")
         d = message.finish(transaction())
         self.assertEqual(self.store.list_ids(INCOMING), [])
-        self.threads.run_next()  # data fsync'd, then the envelope written, fsync'd and renamed
-        self.assertEqual(synced[0], os.path.abspath(self.store.data_path(message.queue_id)))
-        self.assertTrue(synced[1].startswith(os.path.abspath(self.store.tmp_dir)))
+        self.assertNoResult(d)
+        self.threads.run_next()
+        path = os.path.abspath
+        self.assertEqual(synced[0], path(self.store.data_path(message.queue_id)))
+        self.assertTrue(synced[1].startswith(path(self.store.tmp_dir)))
+        self.assertEqual(synced[2:], [path(self.store.state_dir(INCOMING)), path(self.store.data_dir)])
         self.assertEqual(self.store.list_ids(INCOMING), [message.queue_id])
+        [reply] = self.successResultOf(d)
+        self.assertEqual((reply.code, reply.status), (250, "2.0.0"))
+        self.assertEqual(reply.text, f"Ok: queued as {message.queue_id}")
+
+    def test_commit_beside_another_waits_for_a_shared_round(self) -> None:
+        """A commit begun while another is in flight leaves the directory sync to a shared
+        round, and gets 250 only once that round is done."""
+        first = self.spool.begin(SESSION, transaction()).finish(transaction())
+        message = self.spool.begin(SESSION, transaction())
+        d = message.finish(transaction())
+        self.threads.run_next()  # the first, alone: its own directory sync
+        self.successResultOf(first)
+        self.threads.run_next()  # the second: data and envelope only
+        self.assertIn(message.queue_id, self.store.list_ids(INCOMING))
         self.assertNoResult(d)
         _, args, _ = self.threads.calls[0]  # the directory sync round
         self.assertEqual(set(args[0]), {self.store.state_dir(INCOMING), self.store.data_dir})
         self.threads.run_next()
-        [reply] = self.successResultOf(d)
-        self.assertEqual((reply.code, reply.status), (250, "2.0.0"))
-        self.assertEqual(reply.text, f"Ok: queued as {message.queue_id}")
+        self.assertEqual(self.successResultOf(d)[0].code, 250)
+
+    def test_shared_round_failure_451_and_envelope_removed(self) -> None:
+        """If the shared directory round fails, that commit's envelope is withdrawn and 451
+        is sent."""
+
+        def broken(paths: object) -> object:
+            raise OSError(errno.EIO, "Input/output error")
+
+        self.spool.begin(SESSION, transaction()).finish(transaction())  # in flight: the next is not alone
+        self.patch(self.syncer, "sync_dirs", broken)
+        message = self.spool.begin(SESSION, transaction())
+        d = message.finish(transaction())
+        self.threads.run_all()
+        self.assertEqual(self.successResultOf(d), [LOCAL_ERROR])
+        self.assertNotIn(message.queue_id, self.store.list_ids(INCOMING))
+        self.assertFalse(os.path.exists(self.store.data_path(message.queue_id)))
+        self.flushLoggedErrors(OSError)
 
     def test_on_commit_after_the_reply(self) -> None:
         """The queue gets the envelope once, after the client's 250 has fired."""
@@ -113,8 +152,9 @@ class CommitTests(SpoolTestMixin, SynchronousTestCase):
         self.assertEqual([e.queue_id for e in self.committed], [message.queue_id])
 
     def test_concurrent_commits_share_directory_syncs(self) -> None:
-        """Five sessions finishing together need two sync rounds: the first caller's, then
-        one shared by the four that arrived while it ran."""
+        """Five sessions finishing together: the first, alone when it began, syncs in its own
+        hop; the other four need two shared rounds (the first to ask starts one, the three
+        that asked while it ran share the next)."""
         messages = [self.spool.begin(SESSION, transaction()) for _ in range(5)]
         ds = [m.finish(transaction()) for m in messages]
         self.threads.run_all()
@@ -203,7 +243,7 @@ class FailureTests(SpoolTestMixin, SynchronousTestCase):
         def broken(paths: object) -> object:
             raise OSError(errno.EIO, "Input/output error")
 
-        self.patch(self.syncer, "sync_dirs", broken)
+        self.patch(mailplat.spool, "fsync_dirs", broken)
         message = self.spool.begin(SESSION, transaction())
         self.assertEqual(self.successResultOf(message.finish(transaction())), [LOCAL_ERROR])
         self.assertNothingQueued()
