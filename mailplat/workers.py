@@ -21,7 +21,7 @@ T = TypeVar("T")
 # runInThread(f, *args) -> Deferred firing with f(*args) computed off the reactor thread.
 RunInThread = Callable[..., "Deferred[Any]"]
 
-POOL_SIZE = 10  # as many as Twisted's reactor pool: enough fsyncs in flight to share commits
+POOL_SIZE = 4  # enough fsyncs in flight to share journal commits; more only fight for the GIL
 _pool: ThreadPoolExecutor | None = None
 
 
