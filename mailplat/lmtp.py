@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import IO, TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -22,7 +22,8 @@ from mailplat.envelope import Envelope, Recipient, SessionInfo, Transaction
 from mailplat.groupsync import RunInThread, thread_runner
 from mailplat.interfaces import IDeliveryAgent, IIncomingMessage, IMessageSink, IRouter, Route
 from mailplat.interfaces import SpoolError
-from mailplat.queue import StoredMessage, mailbox_of
+from mailplat.dispatch import NO_OUTCOME, call_agent, route_address
+from mailplat.queue import StoredMessage
 from mailplat.replies import LOCAL_ERROR, Reply
 from mailplat.session import ESMTPFactory, ESMTPSession
 from mailplat.spool import error_reply
@@ -36,8 +37,6 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-NO_AGENT = Reply(451, "4.3.5", "Mail system configuration error: no such delivery agent")
-NO_OUTCOME = Reply(451, "4.3.0", "Delivery agent gave no outcome for this recipient")
 
 
 @implementer(IMessageSink)
@@ -175,7 +174,7 @@ async def deliver_now(
     for _, final, route in flat:
         if isinstance(route, Route):
             groups.setdefault(route.agent, []).append((final, route))
-    calls = [Deferred.fromCoroutine(_run_agent(agents.get(name), message, pairs))
+    calls = [Deferred.fromCoroutine(call_agent(agents.get(name), message, pairs))
              for name, pairs in groups.items()]
     answers = dict(zip(groups, await gatherResults(calls)))
     per_recipient: list[list[Reply]] = [[] for _ in recipients]
@@ -189,12 +188,12 @@ async def deliver_now(
 
 async def _resolve(router: IRouter, recipient: Recipient) -> list[tuple[Recipient, Route | Reply]]:
     """The recipient's route, or for an alias the routes of its final addresses."""
-    route = await _route(router, recipient.address)
+    route = await route_address(router, recipient.address)
     if not isinstance(route, Route) or not route.expansion:
         return [(recipient, route)]
     finals: list[tuple[Recipient, Route | Reply]] = []
     for address in route.expansion:
-        final = route if address == recipient.address else await _route(router, address)
+        final = route if address == recipient.address else await route_address(router, address)
         if isinstance(final, Route) and final.expansion:
             final = replace(final, expansion=())  # finals are final: no second round
         finals.append((replace(recipient, address=address), final))
@@ -211,30 +210,6 @@ def _combined(replies: list[Reply]) -> Reply:
         if reply.permanent:
             return reply
     return replies[0] if replies else NO_OUTCOME
-
-
-async def _route(router: IRouter, address: str) -> Route | Reply:
-    try:
-        answer = await maybeDeferred(router.route, mailbox_of(address))
-    except Exception:
-        log.failure("routing <{addr}> failed", addr=address)
-        return LOCAL_ERROR
-    return answer if isinstance(answer, (Route, Reply)) else LOCAL_ERROR
-
-
-async def _run_agent(
-    agent: IDeliveryAgent | None, message: StoredMessage, pairs: list[tuple[Any, Any]]
-) -> dict[str, Reply]:
-    """One agent call; a missing or failing agent answers 451 for all its recipients."""
-    if agent is None:
-        return {r.address: NO_AGENT for r, _ in pairs}
-    try:
-        replies: dict[str, Reply] = await maybeDeferred(agent.deliver, message, pairs)
-        return replies
-    except Exception:
-        log.failure("{qid}: agent {agent} failed", qid=message.envelope.queue_id,
-                    agent=getattr(agent, "name", "?"))
-        return {r.address: LOCAL_ERROR for r, _ in pairs}
 
 
 def _close(data: IO[bytes]) -> None:

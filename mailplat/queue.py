@@ -34,15 +34,14 @@ from mailplat.envelope import DEFERRED as RCPT_DEFERRED
 from mailplat.interfaces import IDeliveryAgent, IRouter, IStoredMessage, Route
 from mailplat.queuecommands import QueueCommands
 from mailplat.queuenotices import QueueNotices, owes_notice
-from mailplat.replies import LOCAL_ERROR, Reply
+from mailplat.dispatch import NO_AGENT, call_agent, route_address
+from mailplat.replies import Reply
 from mailplat.schedule import DueQueue, RetrySchedule
 from mailplat.store import ACTIVE, DEFERRED, HOLD, INCOMING, QueueStore
 from mailplat.workers import Batcher
 
 log = Logger()
 
-NO_AGENT = Reply(451, "4.3.5", "Mail system configuration error: no such delivery agent")
-NO_OUTCOME = Reply(451, "4.3.0", "Delivery agent gave no outcome for this recipient")
 WAITING = (PENDING, RCPT_DEFERRED, HELD)
 
 
@@ -78,14 +77,6 @@ class StoredMessage:
     def open(self) -> IO[bytes]:
         """The message as delivered: fields added by hooks, then the stored bytes."""
         return prefixed(self.envelope.add_headers, open(self.path, "rb"))
-
-
-def mailbox_of(address: str) -> Any:
-    """The Mailbox the router wants, from an address as stored in the envelope."""
-    from mailplat.address import Mailbox
-
-    local, at, domain = address.rpartition("@")
-    return Mailbox(local, domain) if at else Mailbox(address, "")
 
 
 def next_due(envelope: Envelope) -> float | None:
@@ -319,14 +310,7 @@ class QueueManager(QueueCommands, QueueNotices, Service):
     async def _route_one(self, envelope: Envelope, index: int) -> Route | Reply:
         """A Route, or the Reply refusing the recipient; a router error defers it."""
         address = envelope.recipients[index].address
-        try:
-            answer = await maybeDeferred(self.router.route, mailbox_of(address))
-            if not isinstance(answer, (Route, Reply)):
-                raise TypeError(f"router answered {answer!r}")
-            return answer
-        except Exception:
-            log.failure("{qid}: routing <{addr}> failed", qid=envelope.queue_id, addr=address)
-            return LOCAL_ERROR
+        return await route_address(self.router, address, envelope.queue_id)
 
     async def _run_agent(
         self, envelope: Envelope, name: str, pairs: list[tuple[int, Route]]
@@ -337,19 +321,13 @@ class QueueManager(QueueCommands, QueueNotices, Service):
         if agent is None:
             return {i: Outcome(name, NO_AGENT) for i, _ in pairs}
         slots = await self.limiter.acquire(name, {route.destination for _, route in pairs})
-        message = self.stored_message(envelope)
         handed = [(envelope.recipients[i], route) for i, route in pairs]
         try:
-            replies = await maybeDeferred(agent.deliver, message, handed)
-            return {
-                i: Outcome(name, replies.get(r.address, NO_OUTCOME), route.relay)
-                for (i, route), (r, _) in zip(pairs, handed)
-            }
-        except Exception:
-            log.failure("{qid}: agent {agent} failed", qid=envelope.queue_id, agent=name)
-            return {i: Outcome(name, LOCAL_ERROR) for i, _ in pairs}
+            replies = await call_agent(agent, self.stored_message(envelope), handed)
         finally:
             self.limiter.release(slots)
+        return {i: Outcome(name, replies[r.address], route.relay)
+                for (i, route), (r, _) in zip(pairs, handed)}
 
     def _apply(self, envelope: Envelope, outcomes: Outcomes) -> Envelope:
         """Record each recipient's outcome in the envelope, log it, note the DSNs owed."""
@@ -453,5 +431,5 @@ def _passthrough_after(result: object, f: Any, *args: Any) -> object:
 
 
 __all__ = [
-    "Held", "Outcome", "QueueManager", "StoredMessage", "domain_of", "mailbox_of", "next_due",
+    "Held", "Outcome", "QueueManager", "StoredMessage", "domain_of", "next_due",
 ]

@@ -13,6 +13,7 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+import mailplat.dispatch
 import mailplat.queue
 import mailplat.queuecommands
 import mailplat.queuenotices
@@ -68,7 +69,8 @@ class QueueTestCase(SynchronousTestCase):
         self.router = StaticRouter({"@example.com": route()})
         self.events: list[dict[str, Any]] = []
         observer = cast(ILogObserver, self.events.append)
-        for module in (mailplat.queue, mailplat.queuecommands, mailplat.queuenotices):
+        for module in (mailplat.queue, mailplat.queuecommands, mailplat.queuenotices,
+                       mailplat.dispatch):
             self.patch(module, "log", Logger(observer=observer))
         self.notifier = RecordingNotifier()
         self.queue = self.make_queue()
