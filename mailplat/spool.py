@@ -202,7 +202,7 @@ def _store_files(data: IO[bytes], store: QueueStore, envelope: Envelope, dirs: l
     """Blocking: the data made durable first, then the envelope that points at it, then
     (when given) the directories holding both."""
     _fsync_and_close(data)
-    store.write_envelope_now(envelope, INCOMING)
+    store.create_envelope(envelope, INCOMING)
     fsync_dirs(dirs)
 
 

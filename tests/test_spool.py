@@ -101,7 +101,7 @@ class CommitTests(SpoolTestMixin, SynchronousTestCase):
         self.threads.run_next()
         path = os.path.abspath
         self.assertEqual(synced[0], path(self.store.data_path(message.queue_id)))
-        self.assertTrue(synced[1].startswith(path(self.store.tmp_dir)))
+        self.assertEqual(synced[1], path(self.store.envelope_path(message.queue_id, INCOMING)))
         self.assertEqual(synced[2:], [path(self.store.state_dir(INCOMING)), path(self.store.data_dir)])
         self.assertEqual(self.store.list_ids(INCOMING), [message.queue_id])
         [reply] = self.successResultOf(d)
@@ -232,7 +232,7 @@ class FailureTests(SpoolTestMixin, SynchronousTestCase):
             raise OSError(errno.EIO, "Input/output error")
 
         message = self.spool.begin(SESSION, transaction())
-        self.patch(self.store, "_write_envelope_file", broken)
+        self.patch(self.store, "create_envelope", broken)
         self.assertEqual(self.successResultOf(message.finish(transaction())), [LOCAL_ERROR])
         self.assertNothingQueued()
         self.flushLoggedErrors(OSError)
@@ -257,7 +257,7 @@ class FailureTests(SpoolTestMixin, SynchronousTestCase):
             raise OSError(errno.EIO, "Input/output error")
 
         message = self.spool.begin(SESSION, transaction())
-        self.patch(self.store, "_write_envelope_file", broken)
+        self.patch(self.store, "create_envelope", broken)
         self.patch(self.store, "remove", broken)
         self.assertEqual(self.successResultOf(message.finish(transaction())), [LOCAL_ERROR])
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
