@@ -103,6 +103,10 @@ class ControlProtocol(amp.AMP):
 
 
 class ControlFactory(Factory):
+    """Serves the operator's queue commands on the control socket."""
+
+    noisy = False
+
     def __init__(self, queue: Any) -> None:
         self.queue = queue
 
