@@ -26,6 +26,7 @@ from mailplat.listeners import build_factory
 from mailplat.hooks import PluginService, build_chain, load_plugins, make_context, observers
 from mailplat.odmr_hold import odmr_router
 from mailplat.policy import DefaultPolicy
+from mailplat.privileges import adopt_data_dir
 from mailplat.queue import QueueManager
 from mailplat.routeconfig import outbound_settings
 from mailplat.routing import LocalRouter
@@ -93,6 +94,12 @@ class MailServer(MultiService):
         control = control_service(self.queue, config.control_socket, reactor)
         if control is not None:  # `mailplat queue` commands reach the running queue here
             control.setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        """Bind (as root, if started so), then hand the data dir's contents to its owner
+        before twistd drops privileges."""
+        super().privilegedStartService()
+        adopt_data_dir(self.config.data_dir)
 
     def startService(self) -> None:
         super().startService()
