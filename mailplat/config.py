@@ -24,9 +24,11 @@ from mailplat.concurrency import ConcurrencyLimits
 from mailplat.configlocator import Locator, dotted
 from mailplat.configvalues import (
     _client_endpoint, _count, _domain_name, _endpoint, _flag, _hostname, _networks, _path,
-    _profile, _text, _users, parse_duration, parse_size,
+    _profile, _text, _users,
 )
 # Re-exported: other modules reach these through the config module.
+from mailplat.configvalues import parse_duration as parse_duration
+from mailplat.configvalues import parse_size as parse_size
 from mailplat.configvalues import PROFILES as PROFILES
 from mailplat.configvalues import client_endpoint_problem as client_endpoint_problem
 from mailplat.configvalues import endpoint_problem as endpoint_problem

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from mailplat.concurrency import ConcurrencyLimits
-from mailplat.config import _count, _path, parse_duration, parse_size
+from mailplat.configvalues import _count, _path, parse_duration, parse_size
 from mailplat.schedule import RetrySchedule
 
 if TYPE_CHECKING:
