@@ -9,6 +9,9 @@ never hold half of each other's slots).
 
 from __future__ import annotations
 
+import heapq
+import itertools
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -52,7 +55,13 @@ class Limiter:
     def __init__(self, limits: ConcurrencyLimits) -> None:
         self.limits = limits
         self.in_use: dict[Key, int] = {}
-        self._waiting: list[tuple[tuple[Key, ...], Deferred[Slots]]] = []
+        # One FIFO per destination of the calls waiting for it (a call with several is in
+        # each); only a call at the head of all its queues may start. So admitting looks at
+        # the heads, not at every waiting call: thousands of messages waiting for one busy
+        # Maildir cost nothing per release.
+        self._queues: dict[Key, deque[_Waiter]] = {}
+        self._count = 0
+        self._arrivals = itertools.count()
 
     @staticmethod
     def keys_for(agent: str, destinations: Iterable[str]) -> tuple[Key, ...]:
@@ -67,12 +76,14 @@ class Limiter:
     def acquire(self, agent: str, destinations: Iterable[str]) -> "Deferred[Slots]":
         """Fires with the slots once the agent and every destination have room."""
         keys = self.keys_for(agent, destinations)
-        if not self._waiting and self._fits(keys):
+        if not self._count and self._fits(keys):
             return succeed(self._take(keys))
-        d: Deferred[Slots] = Deferred()
-        self._waiting.append((keys, d))
+        waiter = _Waiter(next(self._arrivals), keys)
+        for queue_key in waiter.queue_keys:
+            self._queues.setdefault(queue_key, deque()).append(waiter)
+        self._count += 1
         self._admit()
-        return d
+        return waiter.d
 
     def release(self, slots: Slots) -> None:
         if slots.released:
@@ -86,7 +97,7 @@ class Limiter:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return self._count
 
     def _fits(self, keys: tuple[Key, ...]) -> bool:
         return all(self.in_use.get(key, 0) < self.capacity(key) for key in keys)
@@ -97,19 +108,43 @@ class Limiter:
         return Slots(keys)
 
     def _admit(self) -> None:
-        """Start every waiting call that fits, in arrival order."""
-        blocked: set[Key] = set()
-        still: list[tuple[tuple[Key, ...], Deferred[Slots]]] = []
+        """Start every waiting call that fits, in arrival order; a call that does not fit
+        keeps its place at the head of its destinations' queues, blocking later ones there."""
+        heads = [(q[0].arrival, q[0]) for q in self._queues.values() if self._is_head(q[0])]
+        heapq.heapify(heads)
         ready: list[tuple[Slots, Deferred[Slots]]] = []
-        for keys, d in self._waiting:
-            if blocked.isdisjoint(keys[1:]) and self._fits(keys):
-                ready.append((self._take(keys), d))
-            else:
-                blocked.update(keys[1:])
-                still.append((keys, d))
-        self._waiting = still
+        while heads:
+            _, waiter = heapq.heappop(heads)
+            if waiter.started or not self._fits(waiter.keys):
+                continue
+            waiter.started = True
+            self._count -= 1
+            ready.append((self._take(waiter.keys), waiter.d))
+            for queue_key in waiter.queue_keys:
+                queue = self._queues[queue_key]
+                queue.popleft()
+                if not queue:
+                    del self._queues[queue_key]
+                elif self._is_head(queue[0]):
+                    heapq.heappush(heads, (queue[0].arrival, queue[0]))
         for slots, d in ready:  # after the bookkeeping: callbacks may acquire or release
             d.callback(slots)
 
+    def _is_head(self, waiter: _Waiter) -> bool:
+        return all(self._queues[key][0] is waiter for key in waiter.queue_keys)
+
+
+class _Waiter:
+    """One waiting call; calls without a destination queue on their agent instead."""
+
+    def __init__(self, arrival: int, keys: tuple[Key, ...]) -> None:
+        self.arrival = arrival
+        self.keys = keys
+        self.queue_keys = keys[1:] or keys[:1]
+        self.d: Deferred[Slots] = Deferred()
+        self.started = False
+
+    def __lt__(self, other: _Waiter) -> bool:  # heap ties never happen: arrivals are unique
+        return self.arrival < other.arrival
 
 __all__ = ["ConcurrencyLimits", "Limiter", "Slots"]

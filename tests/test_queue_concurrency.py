@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -15,6 +17,75 @@ from mailplat.queue import QueueManager
 from mailplat.replies import Reply
 from mailplat.store import INCOMING
 from tests.queuefixtures import OK, QueueTestCase, route
+
+
+class ScanningLimiter:
+    """The admission rule written as a plain scan of every waiting call (what Limiter did
+    before it kept per-destination queues); the property test holds Limiter to it."""
+
+    def __init__(self, limits: ConcurrencyLimits) -> None:
+        self.limiter = Limiter(limits)  # for capacity() and keys_for() only
+        self.in_use: dict[Any, int] = {}
+        self.waiting: list[tuple[int, tuple[Any, ...]]] = []
+
+    def fits(self, keys: tuple[Any, ...]) -> bool:
+        return all(self.in_use.get(k, 0) < self.limiter.capacity(k) for k in keys)
+
+    def take(self, keys: tuple[Any, ...]) -> None:
+        for k in keys:
+            self.in_use[k] = self.in_use.get(k, 0) + 1
+
+    def acquire(self, call: int, agent: str, dests: tuple[str, ...]) -> list[int]:
+        keys = self.limiter.keys_for(agent, dests)
+        if not self.waiting and self.fits(keys):
+            self.take(keys)
+            return [call]
+        self.waiting.append((call, keys))
+        return self.admit()
+
+    def release(self, keys: tuple[Any, ...]) -> list[int]:
+        for k in keys:
+            self.in_use[k] -= 1
+        return self.admit()
+
+    def admit(self) -> list[int]:
+        blocked: set[Any] = set()
+        still, started = [], []
+        for call, keys in self.waiting:
+            if blocked.isdisjoint(keys[1:]) and self.fits(keys):
+                self.take(keys)
+                started.append(call)
+            else:
+                blocked.update(keys[1:])
+                still.append((call, keys))
+        self.waiting = still
+        return started
+
+
+class LimiterOrderTests(SynchronousTestCase):
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.tuples(st.booleans(), st.sampled_from(["smtp", "maildir"]),
+                              st.lists(st.sampled_from("abcd"), max_size=3), st.integers(0, 50)),
+                    max_size=60))
+    def test_same_calls_start_as_a_full_scan(self, ops: list[Any]) -> None:
+        """Whatever the mix of acquires and releases, the same calls start, in the same
+        order, as with a scan of every waiting call in arrival order."""
+        limits = ConcurrencyLimits(agent=3, destination=1, agents={"maildir": 2})
+        limiter, reference = Limiter(limits), ScanningLimiter(limits)
+        started: list[int] = []
+        running: dict[int, Slots] = {}
+        for call, (acquire, agent, dests, pick) in enumerate(ops):
+            before = len(started)
+            if acquire or not running:
+                d = limiter.acquire(agent, dests)
+                d.addCallback(lambda slots, c=call: (started.append(c), running.update({c: slots})))
+                expected = reference.acquire(call, agent, tuple(dests))
+            else:
+                slots = running.pop(sorted(running)[pick % len(running)])
+                limiter.release(slots)
+                expected = reference.release(slots.keys)
+            self.assertEqual(started[before:], expected)
+        self.assertEqual(limiter.waiting, len(reference.waiting))
 
 
 class LimiterTests(SynchronousTestCase):
