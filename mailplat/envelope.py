@@ -7,7 +7,7 @@ The envelope is the durable record the queue keeps per message: sender, per-reci
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 
@@ -84,7 +84,7 @@ class Envelope:
         return replace(self, recipients=tuple(recipients))
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode("utf-8")
+        return json.dumps(_plain(self), separators=(",", ":")).encode("utf-8")
 
     @classmethod
     def from_json(cls, data: bytes | str) -> "Envelope":
@@ -95,6 +95,16 @@ class Envelope:
         raw["session"] = SessionInfo(**raw.get("session", {}))
         raw["add_headers"] = tuple(raw.get("add_headers", ()))
         return cls(**raw)
+
+
+def _plain(value: Any) -> Any:
+    """What ``dataclasses.asdict`` gives for these plain-valued dataclasses, several times
+    faster (asdict deep-copies every value): the envelope is encoded on every commit."""
+    if hasattr(value, "__dataclass_fields__"):
+        return {name: _plain(item) for name, item in vars(value).items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(item) for item in value]
+    return value
 
 
 def _recipient(raw: dict[str, Any]) -> Recipient:
