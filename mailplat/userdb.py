@@ -17,6 +17,7 @@ import base64
 import binascii
 import os
 import secrets
+import string
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -57,9 +58,13 @@ def normal_name(name: str) -> str:
     return name.lower()
 
 
+CRAM_ALPHABET = string.ascii_letters + string.digits
+
+
 def new_cram_secret() -> bytes:
-    """A random secret for CRAM-MD5, printable so it can be typed into a mail program."""
-    return secrets.token_urlsafe(18).encode("ascii")
+    """A random secret for CRAM-MD5 (about 143 bits): letters and digits only, so it can be
+    typed into a mail program or passed to a command line (never starts with "-")."""
+    return "".join(secrets.choice(CRAM_ALPHABET) for _ in range(24)).encode("ascii")
 
 
 def parse_line(line: str) -> User:

@@ -187,3 +187,15 @@ class UserCommandTests(SynchronousTestCase):
         args.out, args.err, args.stdin = out, err, io.StringIO("pw\n")
         self.assertEqual(args.run(args), 0, err.getvalue())
         self.assertIn("carol", UserDB(self.path).users())
+
+
+class CramSecretTests(SynchronousTestCase):
+    def test_secret_is_safe_to_type(self) -> None:
+        """Generated CRAM-MD5 secrets are 24 letters and digits: never a leading "-" that a
+        command line (swaks, fetchmail -p) would take for an option."""
+        from mailplat.userdb import new_cram_secret
+
+        for _ in range(200):
+            secret = new_cram_secret()
+            self.assertEqual(len(secret), 24)
+            self.assertTrue(secret.isalnum(), secret)
