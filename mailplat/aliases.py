@@ -334,7 +334,7 @@ class ExpandAgent:
             return error.reply
         try:
             incoming.write(f"Delivered-To: {name}\r\n".encode("utf-8"))
-            with message.open() as source:  # type: ignore[no-untyped-call]  # blocking reads
+            with message.open() as source:  # blocking reads
                 for chunk in iter(lambda: source.read(CHUNK), b""):
                     incoming.write(chunk)
         except (SpoolError, OSError) as error:
@@ -351,7 +351,7 @@ class ExpandAgent:
 def delivered_to(message: IStoredMessage) -> set[str]:
     """The address keys named by ``Delivered-To:`` fields in the message's header section."""
     scanner = HeaderScanner(limit=HEADER_LIMIT)
-    with message.open() as source:  # type: ignore[no-untyped-call]
+    with message.open() as source:
         while not scanner.complete:
             chunk = source.read(1 << 14)
             if not chunk:

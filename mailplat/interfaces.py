@@ -7,13 +7,22 @@ interfaces, so that each side can be replaced by a plugin (found with ``twisted.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 from zope.interface import Attribute, Interface
 
 from mailplat.replies import Reply
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from mailplat.address import Mailbox
+    from mailplat.envelope import Envelope, Recipient, SessionInfo, Transaction
+    from mailplat.params import MailParams, RcptParams
+    from mailplat.routing import MailboxLike
 
 
 class Action(Enum):
@@ -67,26 +76,30 @@ class Route:
 class IPolicy(Interface):
     """Decisions at each SMTP stage. Every method returns a Deferred firing with a Verdict."""
 
-    def connect(session):  # type: ignore[no-untyped-def]
+    def connect(session: SessionInfo) -> Deferred[Verdict]:
         """A client connected (SessionInfo)."""
 
-    def helo(session, name):  # type: ignore[no-untyped-def]
+    def helo(session: SessionInfo, name: str) -> Deferred[Verdict]:
         """The client said HELO/EHLO/LHLO ``name``."""
 
-    def mail(session, sender, params):  # type: ignore[no-untyped-def]
-        """MAIL FROM: sender is a Mailbox or None for <>; params is a dict of ESMTP params."""
+    def mail(
+        session: SessionInfo, sender: Mailbox | None, params: MailParams
+    ) -> Deferred[Verdict]:
+        """MAIL FROM: sender is a Mailbox or None for <>; params are its ESMTP parameters."""
 
-    def rcpt(session, transaction, recipient, params):  # type: ignore[no-untyped-def]
+    def rcpt(
+        session: SessionInfo, transaction: Transaction, recipient: Mailbox, params: RcptParams
+    ) -> Deferred[Verdict]:
         """RCPT TO: recipient is a Mailbox."""
 
-    def data(session, transaction, headers):  # type: ignore[no-untyped-def]
+    def data(session: SessionInfo, transaction: Transaction, headers: bytes) -> Deferred[Verdict]:
         """The message's header section (bytes) arrived completely; called before queueing."""
 
 
 class IRouter(Interface):
     """Resolves a recipient address to a Route, or refuses it with a Reply."""
 
-    def route(recipient):  # type: ignore[no-untyped-def]
+    def route(recipient: MailboxLike) -> Deferred[Route | Reply]:
         """Return a Deferred firing with a Route, or with a Reply that refuses the recipient."""
 
 
@@ -95,24 +108,24 @@ class IIncomingMessage(Interface):
 
     queue_id = Attribute("The id the message will have in the queue (str).")
 
-    def write(data):  # type: ignore[no-untyped-def]
+    def write(data: bytes) -> None:
         """Append message bytes; raises SpoolError when the spool cannot take them."""
 
-    def finish(transaction):  # type: ignore[no-untyped-def]
+    def finish(transaction: Transaction) -> Deferred[list[Reply]]:
         """End of data. Returns a Deferred firing with a list of Reply: one per recipient
         for LMTP, a single one for SMTP. The Deferred fires only after the message is durable."""
 
-    def abort():  # type: ignore[no-untyped-def]
+    def abort() -> None:
         """The transaction was abandoned; discard what was written."""
 
-    def open():  # type: ignore[no-untyped-def]
+    def open() -> IO[bytes]:
         """A binary file over the bytes written so far (read by the data hook before finish)."""
 
 
 class IMessageSink(Interface):
     """Where a session hands finished transactions: the queue, or LMTP's direct delivery."""
 
-    def begin(session, transaction):  # type: ignore[no-untyped-def]
+    def begin(session: SessionInfo, transaction: Transaction) -> IIncomingMessage:
         """Start a message; returns an IIncomingMessage or raises SpoolError."""
 
 
@@ -121,7 +134,7 @@ class IStoredMessage(Interface):
 
     envelope = Attribute("The Envelope.")
 
-    def open():  # type: ignore[no-untyped-def]
+    def open() -> IO[bytes]:
         """A binary file object over the stored message bytes (trace header included)."""
 
 
@@ -130,7 +143,9 @@ class IDeliveryAgent(Interface):
 
     name = Attribute("The agent's name as used in routes and config, e.g. 'maildir'.")
 
-    def deliver(message, recipients):  # type: ignore[no-untyped-def]
+    def deliver(
+        message: IStoredMessage, recipients: list[tuple[Recipient, Route]]
+    ) -> Deferred[dict[str, Reply]]:
         """recipients: a list of (Recipient, Route). Returns a Deferred firing with a dict
         mapping each recipient address to the Reply that describes its outcome
         (2xx delivered, 4xx retry later, 5xx bounce)."""
@@ -141,7 +156,7 @@ class IDeliveryAgentFactory(Interface):
 
     name = Attribute("The agent name this factory provides.")
 
-    def makeAgent(config, context):  # type: ignore[no-untyped-def]
+    def makeAgent(config: dict[str, Any], context: AgentContext) -> IDeliveryAgent:
         """Return an IDeliveryAgent for this config (a dict) and context (mailplat.context)."""
 
 
@@ -153,33 +168,33 @@ class IPolicyPluginFactory(Interface):
 
     name = Attribute("The plugin's name, as used in [plugins] order and [plugin.NAME].")
 
-    def makePolicy(config, context):  # type: ignore[no-untyped-def]
+    def makePolicy(config: dict[str, Any], context: PluginContext) -> IPolicy:
         """Return the policy for this config (a dict) and context (a PluginContext)."""
 
-    def checkConfig(config):  # type: ignore[no-untyped-def]
+    def checkConfig(config: dict[str, Any]) -> Iterable[tuple[str, str]]:
         """Yield (key, message) for each problem in this plugin's config section (a dict)."""
 
 
 class IQueueObserver(Interface):
     """Told about queue events; the return value (None or a Deferred) is not waited for."""
 
-    def queued(envelope):  # type: ignore[no-untyped-def]
+    def queued(envelope: Envelope) -> Deferred[Any] | None:
         """A message was committed to the queue."""
 
-    def delivered(envelope, recipient, reply):  # type: ignore[no-untyped-def]
+    def delivered(envelope: Envelope, recipient: Recipient, reply: Reply) -> Deferred[Any] | None:
         """A recipient (envelope.Recipient) was delivered; reply is the agent's Reply."""
 
-    def deferred(envelope, recipient, reply):  # type: ignore[no-untyped-def]
+    def deferred(envelope: Envelope, recipient: Recipient, reply: Reply) -> Deferred[Any] | None:
         """A delivery attempt to a recipient failed temporarily and will be retried."""
 
-    def bounced(envelope, recipient, reply):  # type: ignore[no-untyped-def]
+    def bounced(envelope: Envelope, recipient: Recipient, reply: Reply) -> Deferred[Any] | None:
         """A recipient failed permanently (or expired in the queue)."""
 
 
 class IDisconnectHook(Interface):
     """A policy that wants to know when a session ends (to free per-connection state)."""
 
-    def disconnect(session):  # type: ignore[no-untyped-def]
+    def disconnect(session: SessionInfo) -> Deferred[Any] | None:
         """The client's connection is gone (SessionInfo); the return value is ignored."""
 
 

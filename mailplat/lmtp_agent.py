@@ -165,7 +165,7 @@ class LMTPAgent:
         one cannot duplicate the message."""
         envelope = message.envelope
         try:
-            with message.open() as source:  # type: ignore[no-untyped-call]
+            with message.open() as source:
                 return await client.send(
                     envelope.sender, list(dict.fromkeys(sent_as.values())), source,
                     envelope_params(envelope, sent_as),

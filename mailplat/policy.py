@@ -21,6 +21,7 @@ from zope.interface import implementer
 
 from mailplat.envelope import SessionInfo, Transaction
 from mailplat.interfaces import CONTINUE, Action, IPolicy, IRouter, Route, Verdict
+from mailplat.params import MailParams, RcptParams
 from mailplat.replies import LOCAL_ERROR, Reply
 
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
@@ -68,11 +69,11 @@ class DefaultPolicy:
     def helo(self, session: SessionInfo, name: str) -> Deferred[Verdict]:
         return succeed(CONTINUE)
 
-    def mail(self, session: SessionInfo, sender: Any, params: dict[str, Any]) -> Deferred[Verdict]:
+    def mail(self, session: SessionInfo, sender: Any, params: MailParams) -> Deferred[Verdict]:
         return succeed(CONTINUE)
 
     def rcpt(
-        self, session: SessionInfo, transaction: Transaction, recipient: Any, params: dict[str, Any]
+        self, session: SessionInfo, transaction: Transaction, recipient: Any, params: RcptParams
     ) -> Deferred[Verdict]:
         """Route the recipient; refuse unroutable ones and relaying for strangers."""
         routed: Deferred[Route | Reply] = self.router.route(recipient)
@@ -132,11 +133,11 @@ class PolicyChain:
     def helo(self, session: SessionInfo, name: str) -> Deferred[Verdict]:
         return self._run("helo", session, name)
 
-    def mail(self, session: SessionInfo, sender: Any, params: dict[str, Any]) -> Deferred[Verdict]:
+    def mail(self, session: SessionInfo, sender: Any, params: MailParams) -> Deferred[Verdict]:
         return self._run("mail", session, sender, params)
 
     def rcpt(
-        self, session: SessionInfo, transaction: Transaction, recipient: Any, params: dict[str, Any]
+        self, session: SessionInfo, transaction: Transaction, recipient: Any, params: RcptParams
     ) -> Deferred[Verdict]:
         return self._run("rcpt", session, transaction, recipient, params)
 

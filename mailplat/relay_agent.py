@@ -213,7 +213,7 @@ class RelayAgent:
         self, session: RelaySession, key: PoolKey, message: IStoredMessage, addresses: list[str]
     ) -> dict[str, Reply]:
         envelope = message.envelope
-        with message.open() as source:  # type: ignore[no-untyped-call]
+        with message.open() as source:
             outcomes = await session.client.send(
                 envelope.sender, addresses, source, envelope_params(envelope)
             )
