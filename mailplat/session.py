@@ -12,10 +12,11 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
+from typing import Protocol as Structural
 
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
@@ -39,6 +40,21 @@ _PAUSE_ABOVE = 1024 * 1024
 _COMMAND_READ_SIZE = 1 << 16  # Twisted's own default
 _DATA_READ_SIZE = 1 << 18
 _session_ids = itertools.count(1)
+
+
+class Connection(Structural):
+    """What a session uses of its transport: ITransport's calls plus IPushProducer's (TCP,
+    TLS and StringTransport transports have both; no Twisted interface names the pair)."""
+
+    def getPeer(self) -> IAddress: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def loseConnection(self) -> None: ...
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -86,8 +102,13 @@ class ESMTPSession(TransactionCommands, Protocol):
 
     # -- connection -----------------------------------------------------------------------
 
+    @property
+    def connection(self) -> Connection:
+        """The transport: set before connectionMade and kept until the session ends."""
+        return cast(Connection, self.transport)
+
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
+        peer = self.connection.getPeer()
         host = getattr(peer, "host", "") or ""
         self.info = replace(
             self.info, peer_host=host, peer_port=getattr(peer, "port", 0) or 0,
@@ -127,14 +148,14 @@ class ESMTPSession(TransactionCommands, Protocol):
         self.discard_buffered_input()
         if self._paused:
             self._paused = False
-            self.transport.resumeProducing()
+            self.connection.resumeProducing()
         self.connectionLost(None)
 
     def close(self) -> None:
         """Stop reading and close after the replies already written are sent."""
         self._closing = True
         self._inbuf = b""
-        self.transport.loseConnection()
+        self.connection.loseConnection()
 
     # -- input loop -----------------------------------------------------------------------
 
@@ -158,9 +179,9 @@ class ESMTPSession(TransactionCommands, Protocol):
         if should_pause != self._paused and not self._closing:
             self._paused = should_pause
             if should_pause:
-                self.transport.pauseProducing()
+                self.connection.pauseProducing()
             else:
-                self.transport.resumeProducing()
+                self.connection.resumeProducing()
 
     def _feed_reader(self) -> None:
         reader = self._reader
@@ -240,11 +261,11 @@ class ESMTPSession(TransactionCommands, Protocol):
         if self._closing:
             return
         for one in reply if isinstance(reply, list) else [reply]:
-            self.transport.write(one.encode(enhanced=True))
+            self.connection.write(one.encode(enhanced=True))
             if one.code in (500, 501, 503):
                 self._errors += 1
         if self._errors >= self.settings.max_errors:
-            self.transport.write(R.Reply(421, "4.7.0", "Too many errors, closing").encode())
+            self.connection.write(R.Reply(421, "4.7.0", "Too many errors, closing").encode())
             self.close()
 
     def verdict_reply(self, verdict: Verdict, default: R.Reply) -> R.Reply:
@@ -286,8 +307,9 @@ class ESMTPSession(TransactionCommands, Protocol):
     def _read_size(self, size: int) -> None:
         """Bigger reads while message data streams: the decoder's per-chunk work then runs a
         few times per megabyte instead of sixteen (Twisted reads 64 KB by default)."""
-        if hasattr(self.transport, "bufferSize"):
-            self.transport.bufferSize = size
+        transport = self.connection
+        if hasattr(transport, "bufferSize"):
+            transport.bufferSize = size
 
     def discard_buffered_input(self) -> None:
         """Forget what the client sent ahead (STARTTLS: RFC 3207 §4.2, CVE-2011-0411)."""

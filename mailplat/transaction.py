@@ -9,22 +9,44 @@ from __future__ import annotations
 
 import re
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 
 from mailplat import replies as R
 from mailplat.address import AddressError, parse_forward_path, parse_reverse_path
 from mailplat.aliases import expanded_recipients
 from mailplat.datadecoder import ChunkReader, DotDecoder, LineChecker
-from mailplat.envelope import Recipient, Transaction
-from mailplat.interfaces import Action, SpoolError, Verdict
+from mailplat.envelope import Recipient, SessionInfo, Transaction
+from mailplat.interfaces import Action, IMessageSink, IPolicy, SpoolError, Verdict
 from mailplat.params import ParamError, mail_params, parse_params, rcpt_params
 from mailplat.reception import Reception
 from mailplat.trace import received_header
 
 if TYPE_CHECKING:
-    from mailplat.session import ESMTPSession as _Base
+    from mailplat.session import SessionSettings
+
+
+class SessionParts(Protocol):
+    """What ESMTPSession provides to the commands mixed into it. (The session class itself
+    cannot be their base for the type checker: it inherits from them.)"""
+
+    settings: SessionSettings
+    policy: IPolicy
+    sink: IMessageSink
+    clock: IReactorTime
+    info: SessionInfo
+    greeted: bool
+    esmtp: bool
+
+    def verdict_reply(self, verdict: Verdict, default: R.Reply) -> R.Reply: ...
+
+    def start_reader(self, reader: DotDecoder | ChunkReader) -> None: ...
+
+
+if TYPE_CHECKING:
+    _Base = SessionParts
 else:
     _Base = object
 
