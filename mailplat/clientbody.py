@@ -18,7 +18,7 @@ from mailplat.clientwire import Canonical
 from mailplat.replies import Reply
 
 if TYPE_CHECKING:
-    from mailplat.client import SMTPClient
+    from mailplat.clienttransaction import ClientTransaction
 
 READ_ERROR = Reply(451, "4.3.0", "Cannot read the queued message")
 
@@ -29,7 +29,7 @@ class BodySender:
     end of data is written, or with the Reply that stopped it early."""
 
     def __init__(
-        self, client: SMTPClient, source: IO[bytes], chunk_size: int,
+        self, client: ClientTransaction, source: IO[bytes], chunk_size: int,
         chunking: bool, pipelining: bool, finals: int,
     ) -> None:
         self.client = client

@@ -10,18 +10,42 @@ its own reply, RFC 2033 §4.2).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 
 from mailplat import clientwire as W
 from mailplat.clientbody import READ_ERROR, BodySender
-from mailplat.clientstate import State
+from mailplat.clientstate import State, Timeouts
 from mailplat.clientwire import MessageParams
 from mailplat.replies import Reply
 
+
+class ClientParts(Protocol):
+    """What SMTPClient provides to the transaction mixed into it. (SMTPClient itself cannot
+    be its base for the type checker: it inherits from it.)"""
+
+    transport: Any  # as SMTPClient declares it
+    state: State
+    extensions: dict[str, str]
+    lmtp: bool
+    timeouts: Timeouts
+    chunk_size: int
+    _needs_rset: bool
+
+    def _abandon(self, why: Reply) -> None: ...
+
+    def _busy_reply(self) -> Reply: ...
+
+    def _move(self, new: State) -> None: ...
+
+    def _rearm(self) -> None: ...
+
+    def _write(self, data: bytes, *timeouts: float) -> list[Deferred[Reply]]: ...
+
+
 if TYPE_CHECKING:
-    from mailplat.client import SMTPClient as _Base
+    _Base = ClientParts
 else:
     _Base = object
 
