@@ -18,6 +18,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailplat import config as C
@@ -204,8 +205,12 @@ class HookChain(PolicyChain):
             hook = IDisconnectHook(policy, None)
             if hook is not None:
                 d = maybeDeferred(hook.disconnect, session)
-                calls.append(d.addErrback(lambda f, p=policy: log.failure("{p!r}", f, p=p)))
+                calls.append(d.addErrback(_disconnect_failed, policy))
         return DeferredList(calls).addBoth(lambda _: forget(session))
+
+
+def _disconnect_failed(failure: Failure, policy: IPolicy) -> None:
+    log.failure("{p!r}", failure, p=policy)
 
 
 def authentication_results(authserv_id: str, results: list[Any]) -> str:

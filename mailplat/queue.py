@@ -22,6 +22,7 @@ from typing import IO, Any, NamedTuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -97,7 +98,7 @@ class QueueManager(QueueCommands, QueueNotices, Service):
         store: QueueStore,
         router: IRouter,
         agents: Mapping[str, IDeliveryAgent],
-        reactor: Any,
+        reactor: IReactorTime,
         retry_delay: float | None = None,
         max_lifetime: float | None = None,
         recovery_window: float | None = None,
@@ -375,7 +376,7 @@ class QueueManager(QueueCommands, QueueNotices, Service):
         """Tell observers; they cannot change the outcome, and their failures are only logged."""
         for observer in self.observers:
             d = maybeDeferred(getattr(observer, event), *args)
-            d.addErrback(lambda f, o=observer: log.failure("{o!r}.{e} failed", f, o=o, e=event))
+            d.addErrback(_observer_failed, observer, event)
 
     async def _settle(self, envelope: Envelope) -> None:
         """Finished messages leave the queue; others wait in deferred/ for their next turn."""
@@ -395,6 +396,10 @@ class QueueManager(QueueCommands, QueueNotices, Service):
             due = retry if due is None else min(due, retry)
         if self.running and due is not None:
             self._schedule(qid, due)
+
+
+def _observer_failed(failure: Failure, observer: object, event: str) -> None:
+    log.failure("{o!r}.{e} failed", failure, o=observer, e=event)
 
 
 def domain_of(address: str) -> str:

@@ -10,17 +10,35 @@ message is never delivered after ``delete`` or ``hold`` answered, and never twic
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailplat.envelope import Envelope
 from mailplat.replies import Reply
-from mailplat.store import ACTIVE, DEFERRED, HOLD, INCOMING
+from mailplat.schedule import DueQueue
+from mailplat.store import ACTIVE, DEFERRED, HOLD, INCOMING, QueueStore
+
+
+class QueueParts(Protocol):
+    """What QueueManager provides to the commands mixed into it. (QueueManager itself cannot
+    be their base for the type checker: it inherits from them.)"""
+
+    store: QueueStore
+    reactor: IReactorTime
+    due: DueQueue
+    _busy: set[str]
+    _forced: dict[str, frozenset[str]]
+
+    def when_idle(self, qid: str) -> Deferred[None]: ...
+
+    def _attempt(self, envelope: Envelope, returned: Reply | None = None) -> Deferred[None]: ...
+
 
 if TYPE_CHECKING:
-    from mailplat.queue import QueueManager as _Base
+    _Base = QueueParts
 else:
     _Base = object
 

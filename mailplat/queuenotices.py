@@ -9,17 +9,32 @@ notification but never lose it (at worst it is sent twice, like any at-least-onc
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailplat import dsn
 from mailplat.envelope import BOUNCED, DELIVERED, HELD, Envelope, Recipient
 from mailplat.envelope import DEFERRED as RCPT_DEFERRED
+from mailplat.interfaces import IStoredMessage
 from mailplat.replies import Reply
+from mailplat.schedule import RetrySchedule
+
+
+class QueueParts(Protocol):
+    """What QueueManager provides to the notices mixed into it. (QueueManager itself cannot
+    be their base for the type checker: it inherits from them.)"""
+
+    reactor: IReactorTime
+    schedule: RetrySchedule
+    notifier: dsn.Notifier | None
+
+    def stored_message(self, envelope: Envelope) -> IStoredMessage: ...
+
 
 if TYPE_CHECKING:
-    from mailplat.queue import QueueManager as _Base
+    _Base = QueueParts
 else:
     _Base = object
 
