@@ -206,7 +206,7 @@ class MaildirAgent:
     def __init__(self, hostname: str, reactor: Any, runInThread: RunInThread | None = None) -> None:
         self.hostname = hostname
         self.reactor = reactor
-        self._run = runInThread or thread_runner(reactor)
+        self._run = runInThread or thread_runner(reactor, pool="delivery")
 
     def deliver(
         self, message: IStoredMessage, recipients: list[tuple[Recipient, Route]]

@@ -22,18 +22,21 @@ T = TypeVar("T")
 RunInThread = Callable[..., "Deferred[Any]"]
 
 POOL_SIZE = 4  # enough fsyncs in flight to share journal commits; more only fight for the GIL
-_pool: ThreadPoolExecutor | None = None
+_pools: dict[str, ThreadPoolExecutor] = {}
 
 
-def _shared_pool() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(POOL_SIZE, thread_name_prefix="mailplat-disk")
-    return _pool
+def _shared_pool(name: str) -> ThreadPoolExecutor:
+    if name not in _pools:
+        _pools[name] = ThreadPoolExecutor(POOL_SIZE, thread_name_prefix=f"mailplat-{name}")
+    return _pools[name]
 
 
-def thread_runner(reactor: Any = None) -> RunInThread:
-    """The default ``runInThread``: the shared disk workers, so fsync never blocks the reactor."""
+def thread_runner(reactor: Any = None, pool: str = "spool") -> RunInThread:
+    """The default ``runInThread``: shared disk workers, so fsync never blocks the reactor.
+
+    ``pool`` names a set of workers: deliveries get their own ("delivery"), so that under a
+    burst of incoming mail they do not queue behind every session's commit.
+    """
 
     def run(f: Callable[..., T], *args: Any) -> "Deferred[T]":
         nonlocal reactor
@@ -42,7 +45,7 @@ def thread_runner(reactor: Any = None) -> RunInThread:
 
             reactor = default_reactor
         d: Deferred[T] = Deferred()
-        future = _shared_pool().submit(_capture, f, args)
+        future = _shared_pool(pool).submit(_capture, f, args)
         future.add_done_callback(lambda done: reactor.callFromThread(_fire, d, done))
         return d
 
