@@ -70,6 +70,16 @@ class SPFTests(SynchronousTestCase):
         self.assertEqual((notes.transaction["spf"].result, notes.transaction["spf"].identity),
                          ("pass", "helo"))
 
+    def test_settled_without_dns(self) -> None:
+        """A check pyspf settles without any lookup (<> after a malformed HELO name) still
+        answers through the Deferred: result none, and the mail goes on."""
+        policy = spf.make({}, context(resolver=self.resolver))
+        session = session_info(peer_host="203.0.113.5", helo="a..b")
+        hooks.notes(session).new_transaction()
+        verdict = self.successResultOf(policy.mail(session, None, {}))
+        self.assertEqual((verdict, hooks.notes(session).transaction["spf"].result),
+                         (CONTINUE, "none"))
+
     def test_result_is_recorded_and_mail_accepted_by_default(self) -> None:
         """Without reject_fail a fail is only recorded, for Authentication-Results."""
         verdict, notes = self.check("203.0.113.5", "a@example.net")

@@ -94,7 +94,8 @@ class SPFChecker:
     def check(self, ip: str, sender: str, helo: str) -> Deferred[tuple[str, str]]:
         """(result, explanation) for this client, sender ("" for <>) and HELO name."""
         answers: dict[tuple[str, str], Any] = {}
-        return self._round(answers, ip, sender, helo, 1)
+        first = self._round(answers, ip, sender, helo, 1)
+        return first if isinstance(first, Deferred) else succeed(first)  # settled without DNS
 
     def _round(self, answers: dict[tuple[str, str], Any], ip: str, sender: str, helo: str,
                rounds: int) -> Deferred[tuple[str, str]] | tuple[str, str]:
