@@ -210,7 +210,8 @@ class EtrnCommands(_OdmrParts):
         if not ids:
             return etrn_reply(251, node, "OK, no messages waiting for node {node}")
         started = []
-        for host in sorted({s.etrn_host for s in sites}):
+        hosts = {s.etrn_host for s in sites if s.etrn_host is not None}  # _etrn_sites checked
+        for host in sorted(hosts):
             domains = frozenset(s.domain for s in sites if s.etrn_host == host)
             if not collect.agent.lock(domains):
                 continue  # being collected right now (ATRN or another ETRN)
@@ -234,9 +235,9 @@ class EtrnCommands(_OdmrParts):
         if not subdomains:
             d = queue.flush(domain=domain)
             return d.addCallbacks(self._flushed, self._etrn_failed, (node,), errbackArgs=(node,))
-        d = maybeDeferred(waiting_domains, queue, domain)
-        d.addCallback(lambda found: Deferred.fromCoroutine(_flush_all(queue, found)))
-        return d.addCallbacks(self._flushed, self._etrn_failed, (node,), errbackArgs=(node,))
+        found = maybeDeferred(waiting_domains, queue, domain)
+        flushed = found.addCallback(lambda names: Deferred.fromCoroutine(_flush_all(queue, names)))
+        return flushed.addCallbacks(self._flushed, self._etrn_failed, (node,), errbackArgs=(node,))
 
     def _flushed(self, count: int, node: str) -> R.Reply:
         if not count:
@@ -321,9 +322,9 @@ def odmr_profile(listener: ListenerConfig, server: MailServer, reactor: Any) -> 
     # A site may sit idle between its steps (dial-up links are slow to settle, and RFC 2645
     # clients wait ten minutes for ATRN's answer); so do we.
     settings = replace(settings, command_timeout=max(settings.command_timeout, ODMR_IDLE))
-    factory: Any = SecureFactory(settings, server.policy, server.spool, reactor,
-                                 session_class=OdmrSession, security=security)
-    factory.odmr = odmr_context(server, reactor)  # the sessions find it there
+    factory = SecureFactory(settings, server.policy, server.spool, reactor,
+                            session_class=OdmrSession, security=security)
+    setattr(factory, "odmr", odmr_context(server, reactor))  # OdmrSession.odmr reads it
     return factory
 
 
@@ -331,9 +332,9 @@ def relay_etrn_profile(listener: ListenerConfig, server: MailServer, reactor: An
     """The relay profile (mailplat.listener_security) with ETRN added."""
     from mailplat.listener_security import relay_profile
 
-    factory: Any = relay_profile(listener, server, reactor)
+    factory = relay_profile(listener, server, reactor)
     factory.protocol = EtrnRelaySession
-    factory.odmr = odmr_context(server, reactor)
+    setattr(factory, "odmr", odmr_context(server, reactor))  # OdmrSession.odmr reads it
     return factory
 
 
