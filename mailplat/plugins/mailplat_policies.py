@@ -31,7 +31,7 @@ class BuiltinPolicy:
         return importlib.import_module(f"mailplat.policies.{self.name}")
 
     def checkConfig(self, config: dict[str, Any]) -> Iterable[tuple[str, str]]:
-        _, problems = self._module().settings(dict(config))
+        problems: list[tuple[str, str]] = self._module().settings(dict(config))[1]
         return problems
 
     def makePolicy(self, config: dict[str, Any], context: PluginContext) -> Any:

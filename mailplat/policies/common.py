@@ -15,6 +15,7 @@ from twisted.names.error import AuthoritativeDomainError, DNSNameError, DomainEr
 from mailplat import config as C
 
 T = TypeVar("T")
+D = TypeVar("D")  # a default may be narrower than what the key converts to: () for a tuple
 Problems = list[tuple[str, str]]
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -28,7 +29,7 @@ class Options:
         self.section = section
         self.problems: Problems = [(k, "unknown key") for k in section if k not in set(known)]
 
-    def get(self, key: str, convert: Callable[[Any], T], default: T) -> T:
+    def get(self, key: str, convert: Callable[[Any], T], default: D) -> T | D:
         if key not in self.section:
             return default
         try:

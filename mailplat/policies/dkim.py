@@ -91,11 +91,12 @@ def load_key(path: str) -> bytes:
 
     with open(path, "rb") as f:
         key = serialization.load_pem_private_key(f.read(), password=None)
-    return key.private_bytes(  # type: ignore[union-attr]
+    pem: bytes = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.TraditionalOpenSSL,
         serialization.NoEncryption(),
     )
+    return pem
 
 
 def from_domain(headers: bytes) -> str:
@@ -163,16 +164,16 @@ class DKIMPolicy(hooks.PolicyPlugin):
             return succeed(self._record(session, []))
         names = {_key_name(t) for t in tags if _key_name(t)}
         fetches = [self._fetch_key(name) for name in sorted(names)]
-        d = gatherResults(fetches)
+        keys = gatherResults(fetches)
         stream, limit = self._read(transaction), self.settings.max_size
-        d.addCallback(lambda keys: self.run_in_thread(_verify_all, stream, limit, tags,
-                                                      dict(keys)))
-        return d.addCallback(lambda results: self._record(session, results))
+        verified = keys.addCallback(lambda found: self.run_in_thread(_verify_all, stream, limit,
+                                                                     tags, dict(found)))
+        return verified.addCallback(lambda results: self._record(session, results))
 
     def _fetch_key(self, name: str) -> Deferred[tuple[str, bytes | None | Exception]]:
         d = common.lookup(self.resolver, name, dns.TXT, self.settings.dns_timeout)
-        d.addCallback(lambda values: (name, b"".join(values[0]) if values else None))
-        return d.addErrback(lambda f: (name, common.DNSTemporaryError(f.getErrorMessage())))
+        key = d.addCallback(lambda values: (name, b"".join(values[0]) if values else None))
+        return key.addErrback(lambda f: (name, common.DNSTemporaryError(f.getErrorMessage())))
 
     def _record(self, session: SessionInfo, results: list[DKIMResult]) -> Verdict:
         import authres

@@ -89,9 +89,9 @@ class DNSBLPolicy(hooks.PolicyPlugin):
 
     def _listed(self, name: str) -> Deferred[bool]:
         d = common.lookup(self.resolver, name, dns.A, self.settings.dns_timeout)
-        d.addCallback(lambda answers: any(is_listing(a, self.settings.listed_addresses)
-                                          for a in answers))
-        return d.addErrback(self._unreachable, name)
+        listed = d.addCallback(lambda answers: any(is_listing(a, self.settings.listed_addresses)
+                                                   for a in answers))
+        return listed.addErrback(self._unreachable, name)
 
     def _unreachable(self, failure: Any, name: str) -> bool:
         log.warn("DNSBL query {name} failed: {error}", name=name,
