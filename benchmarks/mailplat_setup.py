@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 from benchmarks.measure import count_files, free_port, wait_for_banner
 
@@ -123,11 +122,3 @@ class MailplatServer:
         if not keep and self.base:
             shutil.rmtree(self.base, ignore_errors=True)
 
-
-def wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not os.path.exists(f"/proc/{pid}"):
-            return True
-        time.sleep(0.05)
-    return False

@@ -12,7 +12,7 @@ import resource
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -203,10 +203,3 @@ def wait_for_count(
         found = count()
     return found, time.monotonic()
 
-
-def iter_lines(path: str) -> Iterator[str]:
-    try:
-        with open(path, errors="replace") as f:
-            yield from f
-    except FileNotFoundError:
-        return

@@ -60,41 +60,57 @@ def run_scenario(
 
 
 def _measure(server: Server, scenario: Scenario, smtp_source: str, profile_dir: str | None) -> dict[str, Any]:
-    idle_mem = _memory(server)
+    idle_mem, load_before = _memory(server), os.getloadavg()[0]
     expected = scenario.messages + (1 if scenario.idle else 0)  # (f) probes with one more
     profiler = _start_py_spy(server, scenario, profile_dir)
     cpu_before = cpu_seconds(server.root_pid, server.tree)
     with MemorySampler(server.pids, interval=0.5 if server.tree else 0.1) as sampler:
-        start = time.monotonic()
-        outcome, at_idle = _load(server, scenario, smtp_source)
-        accepted_at = start + outcome.seconds if not scenario.idle else time.monotonic()
-        found, done_at = wait_for_count(server.delivered, expected, scenario.time_limit)
+        outcome, at_idle, deliver_seconds = _timed_load(server, scenario, smtp_source, expected)
         cpu_used = cpu_seconds(server.root_pid, server.tree) - cpu_before
     _stop_py_spy(profiler)
-    time.sleep(SETTLE)
-    found = server.delivered()
+    time.sleep(SETTLE)  # duplicates would show up now
     measured = {
         "accept_seconds": outcome.seconds,
-        "deliver_seconds": done_at - start if not scenario.idle else done_at - accepted_at + outcome.seconds,
+        "deliver_seconds": deliver_seconds,
+        "accepted_per_s": scenario.messages / max(outcome.seconds, 1e-9),
+        "delivered_per_s": scenario.messages / max(deliver_seconds, 1e-9),
         "cpu_ms_per_msg": 1000 * cpu_used / expected,
         "peak_rss_mb": sampler.peak_rss_kb / 1024,
         "peak_pss_mb": sampler.peak_pss_kb / 1024,
-        "idle_rss_mb": idle_mem.get("Rss", 0) / 1024,
-        "idle_pss_mb": idle_mem.get("Pss", 0) / 1024,
-        "delivered": found,
+        "idle_rss_mb": idle_mem["Rss"] / 1024,
+        "idle_pss_mb": idle_mem["Pss"] / 1024,
+        "delivered": server.delivered(),
         "expected": expected,
         "queue_left": server.queue_left(),
+        # The machine's 1-minute load average around the run: other work skews the figures.
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg()[0],
         **outcome.extra,
         **at_idle,
     }
-    measured["accepted_per_s"] = scenario.messages / max(outcome.seconds, 1e-9)
-    measured["delivered_per_s"] = scenario.messages / max(measured["deliver_seconds"], 1e-9)
-    problems = [outcome.error] if outcome.error else []
+    return dict(measured, **verdict(outcome.error, measured["delivered"], expected))
+
+
+def _timed_load(
+    server: Server, scenario: Scenario, smtp_source: str, expected: int
+) -> tuple[load.LoadResult, dict[str, float], float]:
+    """Run the load, then wait for every message in new/: (outcome, idle notes, seconds from
+    the first message sent until the last one delivered)."""
+    start = time.monotonic()
+    outcome, at_idle = _load(server, scenario, smtp_source)
+    loaded = time.monotonic()
+    if scenario.idle:  # the clock starts when the idle connections begin to send
+        start = loaded - outcome.seconds
+    _, done = wait_for_count(server.delivered, expected, scenario.time_limit)
+    return outcome, at_idle, done - start
+
+
+def verdict(load_error: str | None, found: int, expected: int) -> dict[str, Any]:
+    """ok, and why not: a load error, or messages lost or doubled."""
+    problems = [load_error] if load_error else []
     if found != expected:
         problems.append(f"{found} messages in new/, expected {expected}")
-    measured["ok"] = not problems
-    measured["error"] = "; ".join(problems) or None
-    return measured
+    return {"ok": not problems, "error": "; ".join(problems) or None}
 
 
 def _load(server: Server, scenario: Scenario, smtp_source: str) -> tuple[load.LoadResult, dict[str, float]]:

@@ -12,6 +12,7 @@ from benchmarks.load import message_bytes, smtp_source_command
 from benchmarks.mailplat_setup import DOMAIN, render_config
 from benchmarks.measure import parse_smaps_rollup, parse_stat
 from benchmarks.postfix_setup import render_main_cf, render_master_cf
+from benchmarks.runner import verdict
 from benchmarks.scenarios import SCENARIOS, select
 from mailplat.config import parse_config
 
@@ -93,6 +94,22 @@ class ScenarioTests(SynchronousTestCase):
         body = message.split(b"\r\n\r\n", 1)[1][: -len(b".\r\n")]
         self.assertLessEqual(abs(len(body) - 1024), 1)
         self.assertNotIn(b"\r\r", body)
+
+
+class VerdictTests(SynchronousTestCase):
+    def test_all_delivered_once(self) -> None:
+        """Exactly the expected number of messages in new/ and no load error is a pass."""
+        self.assertEqual(verdict(None, 2000, 2000), {"ok": True, "error": None})
+
+    def test_lost_or_doubled(self) -> None:
+        """One message too few or too many fails the run, saying how many were found."""
+        self.assertEqual(verdict(None, 1999, 2000)["error"], "1999 messages in new/, expected 2000")
+        self.assertFalse(verdict(None, 2001, 2000)["ok"])
+
+    def test_load_error_kept(self) -> None:
+        """smtp-source's own failure is reported along with the count."""
+        result = verdict("smtp-source exit 1: 451", 0, 10)
+        self.assertEqual(result["error"], "smtp-source exit 1: 451; 0 messages in new/, expected 10")
 
 
 class ReportTests(SynchronousTestCase):
