@@ -74,7 +74,7 @@ class ControlProtocol(amp.AMP):
     """The daemon's side: each command is one queue operation."""
 
     def __init__(self, queue: Any) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.queue = queue
 
     @Hold.responder

@@ -300,7 +300,7 @@ class PluginService(Service):
         self.pool = pool
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         if self.pool is not None:
             self.pool.start()
         for plugin in self.loaded:
@@ -309,7 +309,7 @@ class PluginService(Service):
                 start()
 
     def stopService(self) -> Deferred[Any]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         stops = [maybeDeferred(p.policy.stop) for p in self.loaded if hasattr(p.policy, "stop")]
         d = DeferredList(stops)
         if self.pool is not None:

@@ -146,7 +146,7 @@ def server_security(server: MailServer, reactor: Any) -> ServerSecurity:
         config = server.config
         auth = auth_config(config)
         tls = ReloadingTLS(tls_config(config), config.hostname)
-        TLSService(tls, reactor).setServiceParent(server)
+        TLSService(tls, reactor).setServiceParent(server)  # type: ignore[no-untyped-call]
         users = UserDB(auth.users_file)
         portal = Portal(SubmitterRealm(), [UserDBChecker(users)])
         senders = SenderRules(auth.senders, frozenset(config.domains))

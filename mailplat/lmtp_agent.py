@@ -114,7 +114,7 @@ class LMTPAgent:
         self.pool = ConnectionPool(connector or self._connect, reactor, idle_timeout, max_idle)
 
     def _connect(self, destination: str) -> Deferred[SMTPClient]:
-        endpoint = clientFromString(self.reactor, destination)  # type: ignore[no-untyped-call]
+        endpoint = clientFromString(self.reactor, destination)
         d = connect(endpoint, self.hostname, self.reactor, lmtp=True, timeouts=self.timeouts)
         return d.addTimeout(self.connect_timeout, self.reactor)
 

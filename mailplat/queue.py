@@ -137,7 +137,7 @@ class QueueManager(QueueCommands, QueueNotices, Service):
 
     def startService(self) -> None:
         """Recover the queue from disk: unfinished deliveries again, deferred ones on time."""
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self.due.resume()
         found = self.store.recover()
         now = self.reactor.seconds()
@@ -166,7 +166,7 @@ class QueueManager(QueueCommands, QueueNotices, Service):
 
     def stopService(self) -> None:
         """Stop the clock; in-flight attempts finish, their messages are persisted as usual."""
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         self.due.stop()
 
     # -- scheduling ---------------------------------------------------------------------------

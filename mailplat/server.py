@@ -49,7 +49,7 @@ class MailServer(MultiService):
     """The top service; keeps references to the shared parts for tests and the CLI."""
 
     def __init__(self, config: Config, reactor: Any) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
         os.makedirs(config.data_dir, exist_ok=True)
         self.syncer = GroupSyncer(reactor)
@@ -72,14 +72,14 @@ class MailServer(MultiService):
             retry_delay=config.retry_delay, max_lifetime=config.max_lifetime,
             schedule=config.retry_schedule, limits=config.concurrency,
         )
-        self.queue.setServiceParent(self)
+        self.queue.setServiceParent(self)  # type: ignore[no-untyped-call]
         # Policy plugins ([plugins] order) run after the routing/relay check; see hooks.py.
         context, pool = make_context(config, reactor, self.resolver)
         self.plugins = load_plugins(config.raw, context)
         default = DefaultPolicy(self.router, config.trusted_networks)
         self.policy = build_chain(default, self.plugins, context)
         self.queue.observers.extend(observers(self.plugins))
-        PluginService(self.plugins, pool).setServiceParent(self)
+        PluginService(self.plugins, pool).setServiceParent(self)  # type: ignore[no-untyped-call]
         self.listeners: dict[str, Any] = {}
         for listener in config.listeners:
             factory = build_factory(listener, self, reactor)
@@ -98,11 +98,11 @@ class MailServer(MultiService):
     def privilegedStartService(self) -> None:
         """Bind (as root, if started so), then hand the data dir's contents to its owner
         before twistd drops privileges."""
-        super().privilegedStartService()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
         adopt_data_dir(self.config.data_dir)
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         for listener in self.config.listeners:
             log.info("listener {name} ({profile}) on {endpoint}", name=listener.name,
                      profile=listener.profile, endpoint=listener.endpoint)

@@ -242,7 +242,7 @@ class FakeResolver(ResolverBase):
     """
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.records: dict[str, list[dns.RRHeader]] = {}
         self.errors: dict[tuple[str, int], Exception] = {}
         self.queries: list[tuple[str, int]] = []

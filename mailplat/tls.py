@@ -244,12 +244,12 @@ class TLSService(Service):
     def privilegedStartService(self) -> None:
         if not self.tls.loaded:
             self.tls.prepare()
-        super().privilegedStartService()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
 
     def startService(self) -> None:
         if not self.tls.loaded:
             self.tls.prepare()
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self._loop = LoopingCall(self.tls.check_files)
         self._loop.clock = self.clock
         self._loop.start(self.tls.settings.reload_interval, now=False)
@@ -273,4 +273,4 @@ class TLSService(Service):
             previous = signal.SIG_DFL if self._previous is None else self._previous
             signal.signal(signal.SIGHUP, previous)
             self._installed, self._previous = False, None
-        return super().stopService()
+        return super().stopService()  # type: ignore[no-untyped-call]

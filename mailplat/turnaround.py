@@ -80,7 +80,7 @@ def turn_around(session: Any, collect: Collect, domains: frozenset[str],
         collect.agent.unlock(domains)
         transport.loseConnection()
         return succeed(None)
-    client.makeConnection(transport)
+    client.makeConnection(transport)  # type: ignore[no-untyped-call]
     log.info("odmr: [{peer}] {user}: connection turned around for {domains}",
              peer=session.info.peer_host, user=session.info.auth_user,
              domains=",".join(sorted(domains)))
