@@ -85,13 +85,13 @@ def summarize(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """mailplat / Postfix delivered msgs/s per scenario, where both have a figure."""
+def ratios(rows: list[dict[str, Any]], server: str = "mailplat") -> dict[str, float]:
+    """``server`` / Postfix delivered msgs/s per scenario, where both have a figure."""
     by = {(r["scenario"], r["server"]): r for r in rows}
     out = {}
-    for (scenario, server), row in by.items():
+    for (scenario, name), row in by.items():
         other = by.get((scenario, "postfix"))
-        if server == "mailplat" and other and row["delivered_per_s"] and other["delivered_per_s"]:
+        if name == server and other and row["delivered_per_s"] and other["delivered_per_s"]:
             out[scenario] = row["delivered_per_s"] / other["delivered_per_s"]
     return out
 
@@ -104,13 +104,13 @@ def _fmt(value: Any, digits: int = 0) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table, one line per scenario and server, plus the ratio column."""
-    ratio = ratios(rows)
+    ratio = {name: ratios(rows, name) for name in ("mailplat", "baseline")}
     head = (f"{'':2} {'scenario':<42} {'server':<9} {'acc/s':>8} {'del/s':>8} {'cpu ms/msg':>10} "
             f"{'RSS MB':>7} {'PSS MB':>7} {'ratio':>6}  notes")
     lines = [head, "-" * len(head)]
     for row in rows:
         notes = _notes(row)
-        r = ratio.get(row["scenario"]) if row["server"] == "mailplat" else None
+        r = ratio.get(row["server"], {}).get(row["scenario"])
         lines.append(
             f"{row['scenario']:2} {row['title']:<42} {row['server']:<9} "
             f"{_fmt(row['accepted_per_s'], 1):>8} {_fmt(row['delivered_per_s'], 1):>8} "
@@ -149,7 +149,7 @@ def plot(path: str, rows: list[dict[str, Any]], subtitle: str) -> bool:
     except ImportError:
         return False
     scenarios = sorted({r["scenario"] for r in rows})
-    servers = [s for s in ("mailplat", "postfix") if any(r["server"] == s for r in rows)]
+    servers = [s for s in ("mailplat", "baseline", "postfix") if any(r["server"] == s for r in rows)]
     by = {(r["scenario"], r["server"]): r for r in rows}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     width = 0.8 / len(servers)

@@ -43,6 +43,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "and Maildirs go (default: the system temp dir); use a real disk")
     parser.add_argument("--source", default=REPO, help="the checkout whose mailplat is "
                         "measured (default: this one), e.g. a git worktree of another commit")
+    parser.add_argument("--baseline", metavar="DIR", default=None, help="also run the mailplat "
+                        "of another checkout (e.g. a git worktree of the previous release), "
+                        "alternately, as server \"baseline\": before/after in one run")
     parser.add_argument("--py-spy", metavar="DIR", default=None,
                         help="record py-spy collapsed stacks of mailplat per scenario into DIR")
     args = parser.parse_args(argv)
@@ -69,6 +72,10 @@ def preflight(args: argparse.Namespace) -> str:
 def servers_for(args: argparse.Namespace, round_number: int) -> list[Any]:
     """The servers for one scenario round; their order alternates from round to round."""
     servers: list[Any] = [MailplatServer(MESSAGE_SIZE_LIMIT, os.path.abspath(args.source))]
+    if args.baseline:
+        baseline = MailplatServer(MESSAGE_SIZE_LIMIT, os.path.abspath(args.baseline))
+        baseline.name = "baseline"
+        servers.append(baseline)
     if args.compare == "postfix":
         servers.append(PostfixServer(MESSAGE_SIZE_LIMIT))
     return servers if round_number % 2 == 0 else servers[::-1]
@@ -121,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "summary": rows,
         "ratios_delivered": report.ratios(rows),
+        "ratios_delivered_baseline": report.ratios(rows, "baseline") if args.baseline else None,
         "runs": results,
     }
     report.write_json(os.path.join(args.output, "results.json"), document)

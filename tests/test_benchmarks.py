@@ -133,6 +133,13 @@ class ReportTests(SynchronousTestCase):
         self.assertEqual(report.ratios(rows), {"a": 2.0})
         self.assertIn("2.00x", report.table(rows))
 
+    def test_baseline_gets_its_own_ratio(self) -> None:
+        """A baseline mailplat (--baseline) is compared with Postfix too, in its own row."""
+        runs = self.runs() + [dict(self.runs()[0], server="baseline", delivered_per_s=50.0)]
+        rows = report.summarize(runs)
+        self.assertEqual(report.ratios(rows, "baseline"), {"a": 0.5})
+        self.assertIn("0.50x", report.table(rows))
+
     def test_failed_run_is_flagged(self) -> None:
         """A failed run marks its row not ok and its error shows in the table."""
         runs = self.runs()
