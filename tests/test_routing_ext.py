@@ -313,5 +313,7 @@ class DeliveryTests(TestCase):
         """An unknown recipient is refused at RCPT; only the known one is queued."""
         refused = await self.send(["nobody@example.org", "bob@example.org"], b"Subject: x\r\n\r\n")
         self.assertEqual(refused["nobody@example.org"][0], 550)
+        # The queue announces the message a moment after the client's 250: wait for bob's copy.
+        await deferToThread(wait_for_files, self.maildir("bob"), 1)
         [envelope] = self.queued.envelopes
         self.assertEqual([r.address for r in envelope.recipients], ["bob@example.org"])
