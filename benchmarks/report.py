@@ -139,8 +139,9 @@ def write_json(path: str, document: dict[str, Any]) -> None:
 
 
 def plot(path: str, rows: list[dict[str, Any]], subtitle: str) -> bool:
-    """Bars of delivered msgs/s (log scale) and of peak PSS per scenario and server.
-    False when matplotlib is missing (``pip install '.[bench]'``)."""
+    """Bars of delivered msgs/s and of peak PSS per scenario and server (both log scale: (e)
+    is one message, Postfix's (f) a thousand processes), the mailplat/Postfix ratio under each
+    scenario. False when matplotlib is missing (``pip install '.[bench]'``)."""
     try:
         import matplotlib
 
@@ -149,23 +150,32 @@ def plot(path: str, rows: list[dict[str, Any]], subtitle: str) -> bool:
     except ImportError:
         return False
     scenarios = sorted({r["scenario"] for r in rows})
-    servers = [s for s in ("mailplat", "baseline", "postfix") if any(r["server"] == s for r in rows)]
-    by = {(r["scenario"], r["server"]): r for r in rows}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    width = 0.8 / len(servers)
-    for axis, metric, label in ((axes[0], "delivered_per_s", "delivered msgs/s (log)"),
-                                (axes[1], "peak_pss_mb", "peak PSS, MB")):
-        for i, server in enumerate(servers):
-            values = [(by.get((s, server)) or {}).get(metric) or 0 for s in scenarios]
-            xs = [k + (i - (len(servers) - 1) / 2) * width for k in range(len(scenarios))]
-            bars = axis.bar(xs, values, width, label=server)
-            axis.bar_label(bars, [f"{v:.3g}" for v in values], fontsize=7)
-        axis.set_xticks(range(len(scenarios)), [f"({s})" for s in scenarios])
+    ratio = ratios(rows)
+    ticks = [f"({s})" + (f"\n{ratio[s]:.2f}x" if s in ratio else "") for s in scenarios]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for axis, metric, label in ((axes[0], "delivered_per_s", "delivered msgs/s"),
+                                (axes[1], "peak_pss_mb", "peak PSS of the server, MB")):
+        _bars(axis, rows, scenarios, metric)
+        axis.set_xticks(range(len(scenarios)), ticks)
         axis.set_ylabel(label)
-        axis.legend()
-    axes[0].set_yscale("log")
-    fig.suptitle(f"mailplat benchmark: {subtitle}", fontsize=10)
-    fig.tight_layout()
+        axis.set_yscale("log")
+        axis.set_ylim(bottom=0.5)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", ncol=len(labels), fontsize=8)
+    fig.suptitle(f"mailplat benchmark: {subtitle}", fontsize=10, x=0.35)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def _bars(axis: Any, rows: list[dict[str, Any]], scenarios: list[str], metric: str) -> None:
+    """One bar per server and scenario, labelled with its value."""
+    servers = [s for s in ("mailplat", "baseline", "postfix") if any(r["server"] == s for r in rows)]
+    by = {(r["scenario"], r["server"]): r for r in rows}
+    width = 0.8 / len(servers)
+    for i, server in enumerate(servers):
+        values = [(by.get((s, server)) or {}).get(metric) or 0 for s in scenarios]
+        xs = [k + (i - (len(servers) - 1) / 2) * width for k in range(len(scenarios))]
+        bars = axis.bar(xs, values, width, label=server)
+        axis.bar_label(bars, [f"{v:.3g}" for v in values], fontsize=7)
