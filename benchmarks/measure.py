@@ -67,7 +67,8 @@ def process_tree(root: int) -> list[ProcStat]:
     children: dict[int, list[int]] = {}
     for stat in stats.values():
         children.setdefault(stat.ppid, []).append(stat.pid)
-    tree, todo = [], [root]
+    tree: list[ProcStat] = []
+    todo = [root]
     while todo and len(tree) < 100_000:
         pid = todo.pop()
         tree.append(stats[pid])

@@ -69,7 +69,8 @@ def _measure(server: Server, scenario: Scenario, smtp_source: str, profile_dir: 
         cpu_used = cpu_seconds(server.root_pid, server.tree) - cpu_before
     _stop_py_spy(profiler)
     time.sleep(SETTLE)  # duplicates would show up now
-    measured = {
+    found = server.delivered()
+    measured: dict[str, Any] = {
         "accept_seconds": outcome.seconds,
         "deliver_seconds": deliver_seconds,
         "accepted_per_s": scenario.messages / max(outcome.seconds, 1e-9),
@@ -79,7 +80,7 @@ def _measure(server: Server, scenario: Scenario, smtp_source: str, profile_dir: 
         "peak_pss_mb": sampler.peak_pss_kb / 1024,
         "idle_rss_mb": idle_mem["Rss"] / 1024,
         "idle_pss_mb": idle_mem["Pss"] / 1024,
-        "delivered": server.delivered(),
+        "delivered": found,
         "expected": expected,
         "queue_left": server.queue_left(),
         # The machine's 1-minute load average around the run: other work skews the figures.
@@ -88,7 +89,7 @@ def _measure(server: Server, scenario: Scenario, smtp_source: str, profile_dir: 
         **outcome.extra,
         **at_idle,
     }
-    return dict(measured, **verdict(outcome.error, measured["delivered"], expected))
+    return dict(measured, **verdict(outcome.error, found, expected))
 
 
 def _timed_load(
