@@ -14,19 +14,18 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import IO, TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailplat.envelope import Envelope, Recipient, SessionInfo, Transaction
 from mailplat.groupsync import RunInThread, thread_runner
-from mailplat.interfaces import IDeliveryAgent, IIncomingMessage, IMessageSink, IRouter, Route
-from mailplat.interfaces import SpoolError
 from mailplat.dispatch import NO_OUTCOME, call_agent, route_address
+from mailplat.interfaces import IDeliveryAgent, IMessageSink, IRouter, Route
 from mailplat.queue import StoredMessage
 from mailplat.replies import LOCAL_ERROR, Reply
 from mailplat.session import ESMTPFactory, ESMTPSession
-from mailplat.spool import error_reply
+from mailplat.spool import SpooledMessage, open_data_file
 from mailplat.store import QueueStore
 
 if TYPE_CHECKING:
@@ -59,75 +58,36 @@ class LMTPSink:
 
     def begin(self, session: SessionInfo, transaction: Transaction) -> LMTPMessage:
         """Open the data file; SpoolError (451/452) when the disk refuses."""
-        qid = self.store.new_queue_id()
-        try:
-            data = self.store.open_data_for_write(qid)
-        except OSError as e:
-            log.error("{qid}: cannot create LMTP data file: {error}", qid=qid, error=e)
-            raise SpoolError(error_reply(e)) from e
+        qid, data = open_data_file(self.store)
         return LMTPMessage(self, qid, data, session, transaction)
 
 
-@implementer(IIncomingMessage)
-class LMTPMessage:
-    """One message arriving over LMTP; ``finish`` delivers it and says how it went, each."""
+class LMTPMessage(SpooledMessage):
+    """One message arriving over LMTP; ``complete`` delivers it and says how it went, each."""
 
     def __init__(
         self, sink: LMTPSink, queue_id: str, data: IO[bytes], session: SessionInfo,
         transaction: Transaction,
     ) -> None:
-        self.queue_id = queue_id
-        self.size = 0
+        super().__init__(sink.store, queue_id, data, session, transaction, sink.reactor)
         self._sink = sink
-        self._data = data
-        self._session = session
-        self._transaction = transaction
-        self._error: OSError | None = None
-        self._closed = False
 
-    def write(self, data: bytes) -> None:
-        if self._error is not None:
-            raise SpoolError(error_reply(self._error))
-        try:
-            self._data.write(data)
-        except OSError as e:
-            self._error = e
-            log.error("{qid}: writing LMTP data failed: {error}", qid=self.queue_id, error=e)
-            raise SpoolError(error_reply(e)) from e
-        self.size += len(data)
+    def reply_count(self) -> int:
+        return max(1, len(self._transaction.recipients))
 
-    def finish(self, transaction: Transaction | None = None) -> Deferred[list[Reply]]:
+    def complete(self) -> Deferred[list[Reply]]:
         """Deliver to every recipient now; one Reply each, in RCPT order."""
-        if transaction is not None:
-            self._transaction = transaction
-        count = max(1, len(self._transaction.recipients))
-        if self._closed:
-            return succeed([LOCAL_ERROR] * count)
-        self._closed = True
-        if self._error is not None:
-            self._discard()
-            return succeed([error_reply(self._error)] * count)
         d = Deferred.fromCoroutine(self._deliver())
-        d.addErrback(self._failed, count)
+        d.addErrback(self._failed, self.reply_count())
         return d.addBoth(_after, self._discard)
 
     async def _deliver(self) -> list[Reply]:
         await self._sink.runInThread(_close, self._data)
-        envelope = self._envelope()
+        envelope = self.envelope()
         message = StoredMessage(envelope, self._sink.store.data_path(self.queue_id))
         replies = await deliver_now(message, self._sink.router, self._sink.agents)
         self._log(envelope, replies)
         return replies
-
-    def _envelope(self) -> Envelope:
-        t = self._transaction
-        added = tuple(t.add_headers)
-        return Envelope(
-            queue_id=self.queue_id, sender=t.sender, recipients=tuple(t.recipients),
-            received_at=self._sink.reactor.seconds(), add_headers=added,
-            size=self.size + sum(len(h.encode("utf-8")) + 2 for h in added), body=t.body,
-            smtputf8=t.smtputf8, envid=t.envid, ret=t.ret, session=self._session,
-        )
 
     def _log(self, envelope: Envelope, replies: list[Reply]) -> None:
         for recipient, reply in zip(envelope.recipients, replies):
@@ -138,24 +98,6 @@ class LMTPMessage:
     def _failed(self, failure: Any, count: int) -> list[Reply]:
         log.failure("{qid}: LMTP delivery failed", failure, qid=self.queue_id)
         return [LOCAL_ERROR] * count
-
-    def open(self) -> IO[bytes]:
-        """Read back what was written so far (for the data hook, before finish)."""
-        self._data.flush()
-        return open(self._sink.store.data_path(self.queue_id), "rb")
-
-    def abort(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._discard()
-
-    def _discard(self) -> None:
-        try:
-            self._data.close()
-        except OSError:
-            pass  # we delete the file anyway
-        self._sink.store.remove(self.queue_id)
 
 
 async def deliver_now(

@@ -57,30 +57,42 @@ class Spool:
 
     def begin(self, session: SessionInfo, transaction: Transaction) -> "IncomingMessage":
         """Open the data file of a new message; SpoolError when the disk refuses."""
-        qid = self.store.new_queue_id()
-        try:
-            data = self.store.open_data_for_write(qid)
-        except OSError as e:
-            log.error("{qid}: cannot create data file: {error}", qid=qid, error=e)
-            raise SpoolError(error_reply(e)) from e
+        qid, data = open_data_file(self.store)
         return IncomingMessage(self, qid, data, session, transaction)
 
 
+def open_data_file(store: QueueStore) -> tuple[str, IO[bytes]]:
+    """A new queue id and its data file, open for writing; SpoolError (451/452) if refused."""
+    qid = store.new_queue_id()
+    try:
+        return qid, store.open_data_for_write(qid)
+    except OSError as e:
+        log.error("{qid}: cannot create data file: {error}", qid=qid, error=e)
+        raise SpoolError(error_reply(e)) from e
+
+
 @implementer(IIncomingMessage)
-class IncomingMessage:
-    """One message being written; ``finish`` commits it, ``abort`` throws it away."""
+class SpooledMessage:
+    """A message streaming into ``data/<qid>``: what the queue's spool and LMTP share.
+
+    Subclasses say what the end of data means in ``complete``: a durable commit into the
+    queue, or an immediate delivery. ``finish`` guards against finishing twice, after an
+    abort or after a failed write; ``abort`` discards, but never once ``finish`` began.
+    """
 
     def __init__(
         self,
-        spool: Spool,
+        store: QueueStore,
         queue_id: str,
         data: IO[bytes],
         session: SessionInfo,
         transaction: Transaction,
+        reactor: Any,
     ) -> None:
         self.queue_id = queue_id
         self.size = 0
-        self._spool = spool
+        self.store = store
+        self.reactor = reactor
         self._data = data
         self._session = session
         self._transaction = transaction
@@ -100,45 +112,37 @@ class IncomingMessage:
         self.size += len(data)
 
     def finish(self, transaction: Transaction | None = None) -> "Deferred[list[Reply]]":
-        """Commit: fsync data, write the envelope into incoming/, sync dirs, then 250."""
+        """End of data: ``complete`` it, unless it was finished or aborted already (451) or
+        a write failed (that write's 451/452)."""
         if self._closed:
             # Finishing twice (or after abort) must never touch a message already committed.
-            return succeed([LOCAL_ERROR] * self._reply_count())
+            return succeed([LOCAL_ERROR] * self.reply_count())
         if transaction is not None:
             self._transaction = transaction
         self._closed = True
         if self._error is not None:
             self._discard()
-            return succeed([error_reply(self._error)] * self._reply_count())
-        return Deferred.fromCoroutine(self._commit()).addCallbacks(self._committed, self._failed)
+            return succeed([error_reply(self._error)] * self.reply_count())
+        return self.complete()
 
-    async def _commit(self) -> Envelope:
-        """The commit order: data fsync'd, envelope written into incoming/ (both in one thread
-        hop), then one shared round syncs incoming/ and data/ (the new entries) — and only
-        then is it durable."""
-        spool, store = self._spool, self._spool.store
-        envelope = self._envelope()
-        dirs = [store.state_dir(INCOMING), store.data_dir]
-        # A lone commit syncs the directories in its own hop: there is nobody to share a
-        # round with, and a second hop would only add latency. Concurrent ones share rounds.
-        alone = spool.committing == 0
-        spool.committing += 1
-        try:
-            await spool.runInThread(_store_files, self._data, store, envelope, dirs if alone else [])
-            if not alone:
-                await spool.syncer.sync_dirs(dirs)
-        finally:
-            spool.committing -= 1
-        return envelope
+    def complete(self) -> "Deferred[list[Reply]]":
+        raise NotImplementedError
 
-    def _envelope(self) -> Envelope:
+    def reply_count(self) -> int:
+        """LMTP wants one reply per recipient after the data, SMTP a single one."""
+        if self._session.protocol.upper().startswith("LMTP"):
+            return max(1, len(self._transaction.recipients))
+        return 1
+
+    def envelope(self) -> Envelope:
+        """The envelope of this message as received now (fields added by hooks counted)."""
         t = self._transaction
         added = tuple(t.add_headers)
         return Envelope(
             queue_id=self.queue_id,
             sender=t.sender,
             recipients=tuple(t.recipients),
-            received_at=self._spool.reactor.seconds(),
+            received_at=self.reactor.seconds(),
             size=self.size + sum(len(h.encode("utf-8")) + 2 for h in added),
             add_headers=added,
             body=t.body,
@@ -148,35 +152,10 @@ class IncomingMessage:
             session=self._session,
         )
 
-    def _committed(self, envelope: Envelope) -> list[Reply]:
-        """The message is durable: say so, then let the queue take it (after our reply is
-        on its way, since the queue's first delivery attempt is no business of the client)."""
-        reply = Reply(250, "2.0.0", f"Ok: queued as {self.queue_id}")
-        self._spool.reactor.callLater(0, self._hand_over, envelope)
-        return [reply] * self._reply_count()
-
-    def _hand_over(self, envelope: Envelope) -> None:
-        try:
-            self._spool.on_commit(envelope)
-        except Exception:
-            log.failure("{qid}: queue refused committed message", qid=self.queue_id)
-
-    def _failed(self, failure: Failure) -> list[Reply]:
-        """Undo whatever reached the disk: the client was not told 250 and will retry."""
-        log.failure("{qid}: commit failed", failure, qid=self.queue_id)
-        self._discard()
-        return [error_reply(failure.value)] * self._reply_count()
-
-    def _reply_count(self) -> int:
-        """LMTP wants one reply per recipient after the data, SMTP a single one."""
-        if self._session.protocol.upper().startswith("LMTP"):
-            return max(1, len(self._transaction.recipients))
-        return 1
-
     def open(self) -> IO[bytes]:
         """Read back what was written so far (for the data hook, before finish)."""
         self._data.flush()
-        return open(self._spool.store.data_path(self.queue_id), "rb")
+        return open(self.store.data_path(self.queue_id), "rb")
 
     def abort(self) -> None:
         """Discard the message; too late once finish began (the commit cannot be recalled)."""
@@ -191,11 +170,67 @@ class IncomingMessage:
         except OSError:
             pass  # a buffered write failing again on close changes nothing: we delete it
         try:
-            self._spool.store.remove(self.queue_id)
+            self.store.remove(self.queue_id)
         except OSError as e:
             # Never fatal: the client still gets its 4xx; recovery deletes what is left.
             log.error("{qid}: cannot remove discarded message: {error}", qid=self.queue_id,
                       error=e)
+
+
+class IncomingMessage(SpooledMessage):
+    """One message for the queue; ``complete`` commits it durably before the 250."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        queue_id: str,
+        data: IO[bytes],
+        session: SessionInfo,
+        transaction: Transaction,
+    ) -> None:
+        super().__init__(spool.store, queue_id, data, session, transaction, spool.reactor)
+        self._spool = spool
+
+    def complete(self) -> "Deferred[list[Reply]]":
+        return Deferred.fromCoroutine(self._commit()).addCallbacks(self._committed, self._failed)
+
+    async def _commit(self) -> Envelope:
+        """The commit order: data fsync'd, envelope written into incoming/ (both in one thread
+        hop), then one shared round syncs incoming/ and data/ (the new entries) — and only
+        then is it durable."""
+        spool, store = self._spool, self._spool.store
+        envelope = self.envelope()
+        dirs = [store.state_dir(INCOMING), store.data_dir]
+        # A lone commit syncs the directories in its own hop: there is nobody to share a
+        # round with, and a second hop would only add latency. Concurrent ones share rounds.
+        alone = spool.committing == 0
+        spool.committing += 1
+        try:
+            await spool.runInThread(_store_files, self._data, store, envelope, dirs if alone else [])
+            if not alone:
+                await spool.syncer.sync_dirs(dirs)
+        finally:
+            spool.committing -= 1
+        return envelope
+
+    def _committed(self, envelope: Envelope) -> list[Reply]:
+        """The message is durable: say so, then let the queue take it (after our reply is
+        on its way, since the queue's first delivery attempt is no business of the client)."""
+        reply = Reply(250, "2.0.0", f"Ok: queued as {self.queue_id}")
+        self._spool.reactor.callLater(0, self._hand_over, envelope)
+        return [reply] * self.reply_count()
+
+    def _hand_over(self, envelope: Envelope) -> None:
+        try:
+            self._spool.on_commit(envelope)
+        except Exception:
+            log.failure("{qid}: queue refused committed message", qid=self.queue_id)
+
+    def _failed(self, failure: Failure) -> list[Reply]:
+        """Undo whatever reached the disk: the client was not told 250 and will retry."""
+        log.failure("{qid}: commit failed", failure, qid=self.queue_id)
+        self._discard()
+        return [error_reply(failure.value)] * self.reply_count()
 
 
 def _store_files(data: IO[bytes], store: QueueStore, envelope: Envelope, dirs: list[str]) -> None:
