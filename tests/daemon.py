@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -56,10 +57,29 @@ SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(mailplat.__file__)
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = HOST) -> int:
-    """A port the OS says is free right now (bind to port 0, read it, close)."""
+    """A port the OS lets us bind right now, chosen below the ephemeral range: between the
+    probe and the daemon's bind, no outgoing connection (swaks, smtplib, the daemon's own
+    clients) can be given it as its local port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(family, socket.SOCK_STREAM) as probe:  # a crowded machine: any port
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
 
