@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -25,7 +25,6 @@ from mailplat import config as C
 from mailplat.addheaders import HeaderError, check_field
 from mailplat.envelope import SessionInfo, Transaction
 from mailplat.interfaces import (
-    CONTINUE,
     Action,
     IDisconnectHook,
     IPolicy,
@@ -36,7 +35,7 @@ from mailplat.interfaces import (
 from mailplat.hookconfig import (
     ON_ERROR, factories, plugin_sections, register_config,
 )
-from mailplat.policy import Guard, PolicyChain
+from mailplat.policy import Guard, PassThroughPolicy, PolicyChain
 
 log = Logger()
 
@@ -90,32 +89,13 @@ def is_allowlisted(session: SessionInfo) -> bool:
 # ---------------------------------------------------------------------------- for authors
 
 
-@implementer(IPolicy, IDisconnectHook, IQueueObserver)
-class PolicyPlugin:
+@implementer(IDisconnectHook, IQueueObserver)
+class PolicyPlugin(PassThroughPolicy):
     """A base class: every hook answers CONTINUE or does nothing; override what you need.
 
     ``start``/``stop`` are called when the server starts and stops (return a Deferred to make
     shutdown wait, e.g. for a state file to be written).
     """
-
-    def connect(self, session: SessionInfo) -> Deferred[Verdict]:
-        return succeed(CONTINUE)
-
-    def helo(self, session: SessionInfo, name: str) -> Deferred[Verdict]:
-        return succeed(CONTINUE)
-
-    def mail(self, session: SessionInfo, sender: Any, params: Any) -> Deferred[Verdict]:
-        return succeed(CONTINUE)
-
-    def rcpt(
-        self, session: SessionInfo, transaction: Transaction, recipient: Any, params: Any
-    ) -> Deferred[Verdict]:
-        return succeed(CONTINUE)
-
-    def data(
-        self, session: SessionInfo, transaction: Transaction, headers: bytes
-    ) -> Deferred[Verdict]:
-        return succeed(CONTINUE)
 
     def disconnect(self, session: SessionInfo) -> None:
         return None

@@ -52,16 +52,8 @@ def in_networks(host: str, networks: Sequence[Network]) -> bool:
 
 
 @implementer(IPolicy)
-class DefaultPolicy:
-    """Accept mail for routable local recipients; relay only for authenticated or trusted clients.
-
-    It answers ACCEPT at RCPT, so it belongs at the end of a chain: policies before it may
-    reject or accept first.
-    """
-
-    def __init__(self, router: IRouter, trusted_networks: Iterable[str | Network] = ()) -> None:
-        self.router = router
-        self.trusted = parse_networks(trusted_networks)
+class PassThroughPolicy:
+    """Every SMTP-stage hook answers CONTINUE: the base to override only what you need."""
 
     def connect(self, session: SessionInfo) -> Deferred[Verdict]:
         return succeed(CONTINUE)
@@ -75,14 +67,31 @@ class DefaultPolicy:
     def rcpt(
         self, session: SessionInfo, transaction: Transaction, recipient: Any, params: RcptParams
     ) -> Deferred[Verdict]:
-        """Route the recipient; refuse unroutable ones and relaying for strangers."""
-        routed: Deferred[Route | Reply] = self.router.route(recipient)
-        return routed.addCallback(self._judge, session)
+        return succeed(CONTINUE)
 
     def data(
         self, session: SessionInfo, transaction: Transaction, headers: bytes
     ) -> Deferred[Verdict]:
         return succeed(CONTINUE)
+
+
+class DefaultPolicy(PassThroughPolicy):
+    """Accept mail for routable local recipients; relay only for authenticated or trusted clients.
+
+    It answers ACCEPT at RCPT, so it belongs at the end of a chain: policies before it may
+    reject or accept first.
+    """
+
+    def __init__(self, router: IRouter, trusted_networks: Iterable[str | Network] = ()) -> None:
+        self.router = router
+        self.trusted = parse_networks(trusted_networks)
+
+    def rcpt(
+        self, session: SessionInfo, transaction: Transaction, recipient: Any, params: RcptParams
+    ) -> Deferred[Verdict]:
+        """Route the recipient; refuse unroutable ones and relaying for strangers."""
+        routed: Deferred[Route | Reply] = self.router.route(recipient)
+        return routed.addCallback(self._judge, session)
 
     def _judge(self, route: Route | Reply, session: SessionInfo) -> Verdict:
         if isinstance(route, Reply):
