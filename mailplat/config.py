@@ -120,6 +120,7 @@ class Config:
     concurrency: ConcurrencyLimits = field(default_factory=ConcurrencyLimits)
     bounce_size_limit: int = 1 << 20
     control_socket: str = ""
+    sync_directories: bool | str = "auto"  # mailplat.durability
 
 
 # ---------------------------------------------------------------- the schema and its extensions
@@ -130,7 +131,7 @@ _KNOWN: dict[str, set[str]] = {
          "agent"},
     "queue": {"dir", "retry_delay", "max_lifetime", "max_retry_delay", "retry_backoff",
               "retry_jitter", "delay_warning", "agent_concurrency", "destination_concurrency",
-              "active_limit", "bounce_size_limit", "control_socket"},
+              "active_limit", "bounce_size_limit", "control_socket", "sync_directories"},
     "limits": {"message_size", "recipients", "command_timeout", "data_timeout",
                "received_headers"},
     "maildir": {"root"},

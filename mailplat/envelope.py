@@ -72,6 +72,9 @@ class Envelope:
     # Header fields added by policy hooks at the end of data; agents see them ahead of the
     # stored bytes through IStoredMessage.open() (the data file is never rewritten).
     add_headers: tuple[str, ...] = ()
+    # How many bytes of the data file are the message: the envelope committed with it
+    # follows them (see store.envelope_trailer). None: the whole file (older queues, tests).
+    data_length: int | None = None
 
     @property
     def finished(self) -> bool:

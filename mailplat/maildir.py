@@ -1,8 +1,9 @@
 """Maildir delivery (https://cr.yp.to/proto/maildir.html, with Dovecot's ``,S=<size>``).
 
-A message is written to ``tmp/`` under a unique name, fsync'd, renamed into ``new/`` and
-``new/`` is fsync'd: a reader never sees a partial file and a crash never loses an
-acknowledged one. Further recipients of the same message get a hard link to the file already
+A message is written to ``tmp/`` under a unique name, fsync'd and renamed into ``new/``: a
+reader never sees a partial file. ``new/`` itself is fsync'd only where the filesystem does not
+keep that rename ahead of the queue's later unlink of its copy (``mailplat.durability``), so a
+crash never loses a delivered message. Further recipients of the same message get a hard link to the file already
 delivered, so a message to a thousand local users is written once.
 
 Everything here blocks; ``MaildirAgent`` runs it in a thread.
@@ -20,7 +21,9 @@ from typing import IO, Any
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from mailplat.envelope import Recipient
+from mailplat.addheaders import encode
+from mailplat.durability import AUTO, needs_directory_sync
+from mailplat.envelope import Envelope, Recipient
 from mailplat.groupsync import RunInThread, fsync_dir, thread_runner
 from mailplat.interfaces import IDeliveryAgent, IStoredMessage, Route
 from mailplat.replies import Reply
@@ -71,8 +74,12 @@ def _ensure_known(maildir: str) -> None:
         _known.add(maildir)
 
 
-def deliver_stream(source: IO[bytes], maildir: str, hostname: str) -> str:
-    """Copy a message into the maildir; returns the path of the file in new/."""
+def deliver_stream(
+    source: IO[bytes], maildir: str, hostname: str, length: int | None = None,
+    sync_directories: bool | str = AUTO,
+) -> str:
+    """Copy a message (``length`` bytes of ``source``, None: all) into the maildir; returns
+    the path of the file in new/."""
     _ensure_known(maildir)
     base = unique_name(hostname)
     tmp = os.path.join(maildir, "tmp", base)
@@ -83,26 +90,27 @@ def deliver_stream(source: IO[bytes], maildir: str, hostname: str) -> str:
         raise
     try:
         try:
-            size = _copy(source, fd)
+            size = _copy(source, fd, length)
             os.fsync(fd)
         finally:
             os.close(fd)
-        return _publish(tmp, maildir, f"{base},S={size}")
+        return _publish(tmp, maildir, f"{base},S={size}", sync_directories)
     except BaseException:
         _unlink_quietly(tmp)
         raise
 
 
-def _copy(source: IO[bytes], fd: int) -> int:
+def _copy(source: IO[bytes], fd: int, length: int | None = None) -> int:
     """Copy ``source`` to ``fd``: inside the kernel (sendfile) when the source is a plain
-    file, else in large chunks. Returns the number of bytes written."""
+    file, else in large chunks; at most ``length`` bytes when given. Returns the number of
+    bytes written."""
     try:
         source_fd, offset = source.fileno(), source.tell()
     except (OSError, ValueError, AttributeError):  # a stream with added header fields
         source_fd = -1
     if source_fd >= 0:
         try:
-            return _sendfile(source_fd, offset, fd)
+            return _sendfile(source_fd, offset, fd, length)
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                 raise
@@ -110,7 +118,7 @@ def _copy(source: IO[bytes], fd: int) -> int:
             os.ftruncate(fd, 0)
     size = 0
     for _ in range(1 << 40):  # bounded: one round per CHUNK bytes
-        chunk = source.read(CHUNK)
+        chunk = source.read(CHUNK if length is None else min(CHUNK, length - size))
         if not chunk:
             break
         _write_all(fd, chunk)
@@ -118,10 +126,13 @@ def _copy(source: IO[bytes], fd: int) -> int:
     return size
 
 
-def _sendfile(source_fd: int, offset: int, fd: int) -> int:
+def _sendfile(source_fd: int, offset: int, fd: int, length: int | None) -> int:
     size = 0
     for _ in range(1 << 40):  # bounded: one round per CHUNK bytes
-        sent = os.sendfile(fd, source_fd, offset + size, CHUNK)
+        count = CHUNK if length is None else min(CHUNK, length - size)
+        if count <= 0:
+            break
+        sent = os.sendfile(fd, source_fd, offset + size, count)
         if sent == 0:
             break
         size += sent
@@ -140,7 +151,9 @@ def deliver_file(source_path: str, maildir: str, hostname: str) -> str:
         return deliver_stream(source, maildir, hostname)
 
 
-def deliver_link(delivered: str, maildir: str, hostname: str) -> str:
+def deliver_link(
+    delivered: str, maildir: str, hostname: str, sync_directories: bool | str = AUTO
+) -> str:
     """Hard-link a file already delivered (hence already durable) into another maildir.
     Raises OSError (EXDEV across filesystems, ...) when the caller must copy instead."""
     _ensure_known(maildir)
@@ -148,17 +161,18 @@ def deliver_link(delivered: str, maildir: str, hostname: str) -> str:
     tmp = os.path.join(maildir, "tmp", name)
     os.link(delivered, tmp)
     try:
-        return _publish(tmp, maildir, name)
+        return _publish(tmp, maildir, name, sync_directories)
     except BaseException:
         _unlink_quietly(tmp)
         raise
 
 
-def _publish(tmp: str, maildir: str, name: str) -> str:
-    """tmp/ → new/ and make the new entry durable."""
+def _publish(tmp: str, maildir: str, name: str, sync_directories: bool | str = AUTO) -> str:
+    """tmp/ → new/, and fsync new/ where the filesystem needs it for the rename to last."""
     final = os.path.join(maildir, "new", name)
     os.rename(tmp, final)
-    fsync_dir(os.path.join(maildir, "new"))
+    if needs_directory_sync(maildir, sync_directories):
+        fsync_dir(os.path.join(maildir, "new"))
     return final
 
 
@@ -180,21 +194,34 @@ def reply_for(error: OSError) -> Reply:
 class _OneMessage:
     """Delivers one message to several maildirs: copied once, then hard-linked."""
 
-    def __init__(self, message: IStoredMessage, hostname: str) -> None:
+    def __init__(
+        self, message: IStoredMessage, hostname: str, sync_directories: bool | str = AUTO
+    ) -> None:
         self.message = message
         self.hostname = hostname
+        self.sync_directories = sync_directories
         self.first: str | None = None
 
     def deliver(self, maildir: str) -> str:
         if self.first is not None:
             try:
-                return deliver_link(self.first, maildir, self.hostname)
+                return deliver_link(self.first, maildir, self.hostname, self.sync_directories)
             except OSError:
                 pass  # other filesystem, link limit, file already moved to cur/: copy
         with self.message.open() as source:
-            path = deliver_stream(source, maildir, self.hostname)
+            path = deliver_stream(source, maildir, self.hostname, _length(self.message),
+                                  self.sync_directories)
         self.first = self.first or path
         return path
+
+
+def _length(message: IStoredMessage) -> int | None:
+    """How many bytes ``message.open()`` yields, when the envelope says (the queue's data
+    file goes on with the envelope after the message: a copy in the kernel must stop)."""
+    envelope: Envelope = message.envelope
+    if envelope.data_length is None:
+        return None
+    return envelope.data_length + len(encode(envelope.add_headers))
 
 
 @implementer(IDeliveryAgent)
@@ -203,9 +230,13 @@ class MaildirAgent:
 
     name = "maildir"
 
-    def __init__(self, hostname: str, reactor: Any, runInThread: RunInThread | None = None) -> None:
+    def __init__(
+        self, hostname: str, reactor: Any, runInThread: RunInThread | None = None,
+        sync_directories: bool | str = AUTO,
+    ) -> None:
         self.hostname = hostname
         self.reactor = reactor
+        self.sync_directories = sync_directories  # [queue] sync_directories
         self._run = runInThread or thread_runner(reactor, pool="delivery")
 
     def deliver(
@@ -218,7 +249,7 @@ class MaildirAgent:
         self, message: IStoredMessage, recipients: list[tuple[Recipient, Route]]
     ) -> dict[str, Reply]:
         """Blocking. Two recipients routed to the same maildir get the message once."""
-        one = _OneMessage(message, self.hostname)
+        one = _OneMessage(message, self.hostname, self.sync_directories)
         by_maildir: dict[str, Reply] = {}
         replies: dict[str, Reply] = {}
         for recipient, route in recipients:

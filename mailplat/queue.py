@@ -38,7 +38,7 @@ from mailplat.queuenotices import QueueNotices, owes_notice
 from mailplat.dispatch import NO_AGENT, call_agent, route_address
 from mailplat.replies import Reply
 from mailplat.schedule import DueQueue, RetrySchedule
-from mailplat.store import ACTIVE, DEFERRED, HOLD, INCOMING, QueueStore
+from mailplat.store import ACTIVE, DEFERRED, HOLD, INCOMING, QueueStore, open_data
 from mailplat.workers import Batcher
 
 log = Logger()
@@ -71,13 +71,15 @@ class StoredMessage:
 
     def __init__(self, envelope: Envelope, path: str) -> None:
         self.envelope = envelope
-        # Not in IStoredMessage: the stored bytes only, without envelope.add_headers, so an
-        # agent may link or sendfile it only when that tuple is empty.
+        # Not in IStoredMessage: the data file, without envelope.add_headers and followed by
+        # the committed envelope, so an agent may sendfile its first envelope.data_length
+        # bytes only when add_headers is empty.
         self.path = path
 
     def open(self) -> IO[bytes]:
         """The message as delivered: fields added by hooks, then the stored bytes."""
-        return prefixed(self.envelope.add_headers, open(self.path, "rb"))
+        envelope = self.envelope
+        return prefixed(envelope.add_headers, open_data(self.path, envelope.data_length))
 
 
 def next_due(envelope: Envelope) -> float | None:

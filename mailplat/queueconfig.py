@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 KEYS = (
     "max_retry_delay", "retry_backoff", "retry_jitter", "delay_warning", "agent_concurrency",
     "destination_concurrency", "active_limit", "bounce_size_limit", "control_socket",
+    "sync_directories",
 )
+_AUTO_SYNC: bool | str = "auto"
 SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL (Linux)
 
 
@@ -96,7 +98,18 @@ def queue_options(
         "concurrency": concurrency,
         "bounce_size_limit": check.get(table, q, "bounce_size_limit", parse_size, 1 << 20),
         "control_socket": control,
+        "sync_directories": check.get(table, q, "sync_directories", _sync_setting,
+                                      _AUTO_SYNC),
     }
+
+
+def _sync_setting(value: object) -> bool | str:
+    """true, false or "auto" (mailplat.durability decides by the filesystem type)."""
+    if isinstance(value, bool):
+        return value
+    if value == "auto":
+        return "auto"
+    raise ValueError(f"{value!r} is not true, false or \"auto\"")
 
 
 def _socket_path(value: object) -> str:

@@ -53,7 +53,8 @@ class MailServer(MultiService):
         self.config = config
         os.makedirs(config.data_dir, exist_ok=True)
         self.syncer = GroupSyncer(reactor)
-        self.store = QueueStore(config.queue_dir, syncer=self.syncer)
+        self.store = QueueStore(config.queue_dir, syncer=self.syncer,
+                                sync_directories=config.sync_directories)
         # ODMR domains ([odmr.domains]) go to the hold; everything else as LocalRouter says.
         self.router = odmr_router(config, LocalRouter(config))
         # Built before the queue so that agents which put mail back into it (list expansion)

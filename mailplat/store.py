@@ -2,18 +2,22 @@
 
 Layout under the queue root::
 
-    data/<qid>              message bytes, immutable once the envelope exists
+    data/<qid>              message bytes, then the envelope as committed (the trailer)
     tmp/                    envelopes being written
     incoming/ active/ deferred/ hold/   <qid>.json, one directory per state
 
-The appearance of ``<state>/<qid>.json`` is the commit point of a message and a state change is
-one ``rename``. Only envelopes are ever read into memory, never message data, so a queue with
-tens of thousands of deferred messages stays cheap.
+A new message is committed by one fsync of its data file, which ends with the envelope
+(``envelope_trailer``): one journal commit before 250, as Postfix's one queue file. The
+``incoming/<qid>.json`` written next is not synced; after a crash ``recover`` rebuilds it from
+the trailer. From then on a state change is one ``rename`` and later envelopes (retries) are
+written whole and synced. Only envelopes are ever read into memory, never message data, so a
+queue with tens of thousands of deferred messages stays cheap.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import itertools
 import os
 import threading
@@ -23,8 +27,9 @@ from typing import IO, Any, TypeVar
 
 from twisted.internet.defer import Deferred
 
+from mailplat.durability import AUTO, needs_directory_sync
 from mailplat.envelope import Envelope
-from mailplat.groupsync import GroupSyncer, RunInThread, thread_runner
+from mailplat.groupsync import GroupSyncer, RunInThread, fsync_dir, thread_runner
 
 INCOMING = "incoming"
 ACTIVE = "active"
@@ -34,6 +39,81 @@ STATES = (INCOMING, ACTIVE, DEFERRED, HOLD)
 
 _SUFFIX = ".json"
 T = TypeVar("T")
+
+_MAGIC = b"MAILPLAT-ENVELOPE"
+_TAIL_SIZE = len(_MAGIC) + 12  # magic, space, ten digits of length, LF
+
+
+def envelope_trailer(envelope: Envelope) -> bytes:
+    """What follows the message bytes in a data file: the envelope as committed, then a
+    fixed-size tail naming its length. Message data ends in CRLF, so it can never end like
+    a tail; a torn trailer does not parse and marks a message that was never acknowledged."""
+    body = envelope.to_json()
+    return body + b"%s %010d\n" % (_MAGIC, len(body))
+
+
+def read_trailer(path: str) -> Envelope | None:
+    """The envelope a data file was committed with; None when it has none (never committed,
+    or torn by a crash) or the trailer disagrees with the file."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < _TAIL_SIZE:
+                return None
+            tail = os.pread(f.fileno(), _TAIL_SIZE, size - _TAIL_SIZE)
+            magic, _, digits = tail[:-1].partition(b" ")
+            if magic != _MAGIC or not digits.isdigit() or not tail.endswith(b"\n"):
+                return None
+            length = int(digits)
+            start = size - _TAIL_SIZE - length
+            if start < 0:
+                return None
+            envelope = Envelope.from_json(os.pread(f.fileno(), length, start))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return envelope if envelope.data_length == start else None
+
+
+class _Bounded(io.RawIOBase):
+    """The first ``length`` bytes of a file: the message without its trailer."""
+
+    def __init__(self, raw: IO[bytes], length: int) -> None:
+        self._raw = raw
+        self._left = length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        count = min(len(buffer), self._left)
+        if count <= 0:
+            return 0
+        got = self._raw.readinto(memoryview(buffer).cast("B")[:count])  # type: ignore[attr-defined]
+        self._left -= got or 0
+        return got or 0
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+def open_data(path: str, length: int | None) -> IO[bytes]:
+    """Read a message's stored bytes: ``length`` of them (None: the whole file)."""
+    if length is None:
+        return open(path, "rb")
+    raw = open(path, "rb", buffering=0)
+    try:
+        return io.BufferedReader(_Bounded(raw, length), 1 << 16)
+    except BaseException:
+        raw.close()
+        raise
 
 
 class _QueueIds:
@@ -63,6 +143,7 @@ class QueueStore:
         root: str,
         syncer: GroupSyncer | None = None,
         runInThread: RunInThread | None = None,
+        sync_directories: bool | str = AUTO,
     ) -> None:
         self.root = root
         self._run = runInThread or thread_runner()
@@ -71,6 +152,8 @@ class QueueStore:
         self.tmp_dir = os.path.join(root, "tmp")
         for path in (self.data_dir, self.tmp_dir, *map(self.state_dir, STATES)):
             os.makedirs(path, mode=0o700, exist_ok=True)
+        # False where the filesystem makes a new file's name durable with the file's fsync.
+        self.sync_directories = needs_directory_sync(root, sync_directories)
 
     def state_dir(self, state: str) -> str:
         if state not in STATES:
@@ -105,26 +188,28 @@ class QueueStore:
         caller takes care of the directory sync itself.
         """
         d = self._run(self._write_envelope_file, envelope, state)
-        if sync:
+        if sync and self.sync_directories:
             dirs = [self.state_dir(state), *also_sync]
             d.addCallback(lambda _: self.syncer.sync_dirs(dirs))
         return d
 
-    def create_envelope(self, envelope: Envelope, state: str) -> None:
-        """Blocking: write a new message's envelope straight into ``state`` and fsync it; the
-        caller then fsyncs the directory.
+    def create_envelope(self, envelope: Envelope, state: str, sync: bool = True) -> None:
+        """Blocking: write a new message's envelope straight into ``state`` (fsync'd unless
+        ``sync`` is false); the caller then fsyncs the directory if it must.
 
-        The spool's commit is on every client's critical path, and this costs one journal
-        commit where a temp file and a rename cost two. A crash while writing can only leave
-        a torn file that was never acknowledged, and ``recover`` deletes it. Envelopes that
-        already exist are always replaced by rename (``write_envelope``).
+        The spool's commit is on every client's critical path: it passes ``sync=False``, as
+        the data file's trailer, fsync'd just before, is the durable copy. A crash while
+        writing can only leave a torn file, which ``recover`` rebuilds from the trailer (or
+        deletes, with its data, when the message was never committed). Envelopes that already
+        exist are always replaced by rename (``write_envelope``).
         """
         path = self.envelope_path(envelope.queue_id, state)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             try:
                 _write_all(fd, envelope.to_json())
-                os.fsync(fd)
+                if sync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
         except BaseException:
@@ -198,21 +283,34 @@ class QueueStore:
         names = os.listdir(self.state_dir(state))
         return sorted(n[: -len(_SUFFIX)] for n in names if n.endswith(_SUFFIX))
 
-    def _intact_or_dropped(self, qid: str) -> bool:
-        """True when the incoming envelope parses; a torn one is deleted here."""
+    def _intact_or_rebuilt(self, qid: str) -> bool:
+        """True when the incoming envelope parses or was rebuilt from the data file's
+        trailer; a torn one with no committed data behind it is deleted here."""
         path = self.envelope_path(qid, INCOMING)
         if _parses(path):
             return True
         _unlink_quietly(path)
-        return False
+        return self._rebuild(qid)
+
+    def _rebuild(self, qid: str) -> bool:
+        """Blocking: recreate ``incoming/<qid>.json`` from the trailer of a committed data
+        file (its unsynced copy was lost in a crash); False when the data was never
+        committed."""
+        envelope = read_trailer(self.data_path(qid))
+        if envelope is None or envelope.queue_id != qid:
+            return False
+        self._write_envelope_file(envelope, INCOMING)
+        fsync_dir(self.state_dir(INCOMING))
+        return True
 
     def recover(self) -> dict[str, list[str]]:
         """Clean up after a crash and return the queue ids found in each state.
 
-        Envelope temp files are dropped; so are envelopes in incoming/ that do not parse (torn
-        by the crash while ``create_envelope`` wrote them, so never acknowledged); data files
-        without any envelope were never acknowledged and are deleted; a message found in two
-        states (only possible after outside interference) is kept in the later one.
+        Envelope temp files are dropped. An envelope in incoming/ that does not parse, or a
+        data file without any envelope, is rebuilt from the data file's trailer when the
+        message was committed, and deleted when it was not (never acknowledged). A message
+        found in two states (only possible after outside interference) is kept in the later
+        one.
         """
         for name in os.listdir(self.tmp_dir):
             _unlink_quietly(os.path.join(self.tmp_dir, name))
@@ -221,14 +319,18 @@ class QueueStore:
         for state in STATES:
             found[state] = self.list_ids(state)
             if state == INCOMING:
-                found[state] = [qid for qid in found[state] if self._intact_or_dropped(qid)]
+                found[state] = [qid for qid in found[state] if self._intact_or_rebuilt(qid)]
             for qid in found[state]:
                 if qid in seen:
                     _unlink_quietly(self.envelope_path(qid, seen[qid]))
                     found[seen[qid]].remove(qid)
                 seen[qid] = state
-        for name in os.listdir(self.data_dir):
-            if name not in seen:
+        for name in sorted(os.listdir(self.data_dir)):
+            if name in seen:
+                continue
+            if self._rebuild(name):
+                found[INCOMING].append(name)
+            else:
                 _unlink_quietly(self.data_path(name))
         return found
 
@@ -265,6 +367,9 @@ def is_disk_full(error: BaseException | None) -> bool:
 
 __all__ = [
     "ACTIVE",
+    "envelope_trailer",
+    "open_data",
+    "read_trailer",
     "DEFERRED",
     "HOLD",
     "INCOMING",

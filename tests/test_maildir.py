@@ -19,7 +19,7 @@ import mailplat.maildir
 import mailplat.plugins
 from mailplat.envelope import Envelope, Recipient
 from mailplat.interfaces import AgentContext, IDeliveryAgent, IDeliveryAgentFactory, Route
-from mailplat.maildir import MaildirAgent, deliver_file, unique_name
+from mailplat.maildir import MaildirAgent, deliver_file, deliver_stream, unique_name
 from mailplat.replies import Reply
 from mailplat.queue import StoredMessage
 from mailplat.testing import run_synchronously
@@ -108,8 +108,35 @@ class DeliverFileTests(Helpers, SynchronousTestCase):
 
         self.patch(mailplat.maildir, "fsync_dir", record)
         maildir = self.mktemp()
-        path = deliver_file(self.source(), maildir, "mx")
+        with open(self.source(), "rb") as source:
+            path = deliver_stream(source, maildir, "mx", sync_directories=True)
         self.assertEqual(synced[-1], (os.path.join(maildir, "new"), [os.path.basename(path)]))
+
+    def test_new_is_not_synced_where_the_filesystem_keeps_the_rename(self) -> None:
+        """On a journaling filesystem the rename is committed before the queue's later
+        unlink of its copy can be, so new/ needs no fsync of its own (as Postfix's virtual)."""
+        maildir = self.mktemp()
+        deliver_file(self.source(), maildir, "mx")  # creates the maildir (synced once)
+        synced: list[str] = []
+        self.patch(mailplat.maildir, "fsync_dir", synced.append)
+        with open(self.source(), "rb") as source:
+            deliver_stream(source, maildir, "mx", sync_directories=False)
+        self.assertEqual(synced, [])
+        self.assertEqual(len(os.listdir(os.path.join(maildir, "new"))), 2)
+
+    def test_stops_at_the_given_length(self) -> None:
+        """A queue data file goes on with its envelope: only the message is copied, by
+        sendfile or by reads."""
+        source = self.source()
+        with open(source, "ab") as f:
+            f.write(b"TRAILER")
+        size = os.path.getsize(source) - len(b"TRAILER")
+        for stream in (open(source, "rb"), io.BufferedReader(io.BytesIO(open(source, "rb").read()))):
+            with stream:
+                path = deliver_stream(stream, self.mktemp(), "mx", length=size)
+            with open(path, "rb") as f:
+                self.assertFalse(f.read().endswith(b"TRAILER"))
+            self.assertEqual(os.path.getsize(path), size)
 
     def test_unique_names_under_concurrency(self) -> None:
         """Many threads delivering at once never collide on a name."""

@@ -56,3 +56,14 @@ class QueueConfigTests(SynchronousTestCase):
             ["10", " queue.delay_warning"], ["11", " queue.agent_concurrency"],
             ["12", " queue.control_socket"]])
         self.assertIn("too long for a UNIX socket", found[-1])
+
+    def test_sync_directories(self) -> None:
+        """"auto" by default (decided by the filesystem), true or false when set; anything
+        else is reported with its line."""
+        self.assertEqual(parse_config(BASE).sync_directories, "auto")
+        for text, value in (("true", True), ("false", False), ('"auto"', "auto")):
+            self.assertEqual(
+                parse_config(BASE + f"[queue]\nsync_directories = {text}\n").sync_directories,
+                value)
+        [found] = problems('sync_directories = "yes"\n')
+        self.assertTrue(found.startswith("8: queue.sync_directories"), found)

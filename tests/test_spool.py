@@ -17,7 +17,7 @@ from mailplat.groupsync import GroupSyncer
 from mailplat.interfaces import IIncomingMessage, IMessageSink, SpoolError
 from mailplat.replies import LOCAL_ERROR, SPOOL_FULL
 from mailplat.spool import Spool
-from mailplat.store import INCOMING, QueueStore
+from mailplat.store import INCOMING, QueueStore, open_data, read_trailer
 from mailplat.testing import ManualThreads, run_synchronously
 
 SESSION = SessionInfo(peer_host="192.0.2.1", peer_port=4321, helo="client.example.org")
@@ -47,12 +47,15 @@ class FailingFile:
 
 
 class SpoolTestMixin:
-    def make_spool(self, runInThread: Any = run_synchronously) -> None:
+    def make_spool(
+        self, runInThread: Any = run_synchronously, sync_directories: bool = True
+    ) -> None:
         self.clock = Clock()
         self.clock.advance(1000)
         self.root = self.mktemp()  # type: ignore[attr-defined]
         self.syncer = GroupSyncer(runInThread=runInThread)
-        self.store = QueueStore(self.root, syncer=self.syncer, runInThread=runInThread)
+        self.store = QueueStore(self.root, syncer=self.syncer, runInThread=runInThread,
+                                sync_directories=sync_directories)
         self.committed: list[Envelope] = []
         self.spool = Spool(self.store, self.syncer, self.committed.append, self.clock, runInThread)
 
@@ -68,13 +71,20 @@ class CommitTests(SpoolTestMixin, SynchronousTestCase):
         verifyObject(IIncomingMessage, self.spool.begin(SESSION, transaction()))
 
     def test_bytes_go_to_the_data_file_while_they_arrive(self) -> None:
-        """Written bytes land in data/<qid> (flushed at the latest when the data is fsync'd)."""
+        """Written bytes land in data/<qid> (flushed at the latest when the data is fsync'd),
+        followed by the envelope they were committed with."""
         message = self.spool.begin(SESSION, transaction())
         message.write(b"Subject: hi\r\n\r\n")
         message.write(b"body\r\n")
         message.finish(transaction())
         self.threads.run_next()
-        with open(self.store.data_path(message.queue_id), "rb") as f:
+        path = self.store.data_path(message.queue_id)
+        with open(path, "rb") as f:
+            self.assertTrue(f.read().startswith(b"Subject: hi\r\n\r\nbody\r\n{"))
+        trailer = read_trailer(path)
+        assert trailer is not None
+        self.assertEqual((trailer.queue_id, trailer.data_length), (message.queue_id, 21))
+        with open_data(path, trailer.data_length) as f:
             self.assertEqual(f.read(), b"Subject: hi\r\n\r\nbody\r\n")
 
     def record_fsyncs(self) -> list[str]:
@@ -90,8 +100,9 @@ class CommitTests(SpoolTestMixin, SynchronousTestCase):
         return synced
 
     def test_250_only_after_data_envelope_and_directories_are_durable(self) -> None:
-        """The reply waits for the data fsync, then the envelope write, then the dir sync; a
-        lone commit does all three in one thread hop."""
+        """The reply waits for the data fsync (the envelope is its trailer), then the
+        envelope's copy in incoming/, then the dir sync; a lone commit does all three in one
+        thread hop."""
         synced = self.record_fsyncs()
         message = self.spool.begin(SESSION, transaction())
         message.write(b"Subject: hi\r\n\r\nbody\r\n")
@@ -101,8 +112,7 @@ class CommitTests(SpoolTestMixin, SynchronousTestCase):
         self.threads.run_next()
         path = os.path.abspath
         self.assertEqual(synced[0], path(self.store.data_path(message.queue_id)))
-        self.assertEqual(synced[1], path(self.store.envelope_path(message.queue_id, INCOMING)))
-        self.assertEqual(synced[2:], [path(self.store.state_dir(INCOMING)), path(self.store.data_dir)])
+        self.assertEqual(synced[1:], [path(self.store.state_dir(INCOMING)), path(self.store.data_dir)])
         self.assertEqual(self.store.list_ids(INCOMING), [message.queue_id])
         [reply] = self.successResultOf(d)
         self.assertEqual((reply.code, reply.status), (250, "2.0.0"))
@@ -177,6 +187,39 @@ class CommitTests(SpoolTestMixin, SynchronousTestCase):
         self.assertEqual((env.received_at, env.session), (1000.0, SESSION))
 
 
+class OneFsyncCommitTests(SpoolTestMixin, SynchronousTestCase):
+    """Where the filesystem keeps a new file's name with its fsync (ext4, XFS, btrfs): the
+    commit is one fsync of the data file, as Postfix's of its queue file."""
+
+    def setUp(self) -> None:
+        self.threads = ManualThreads()
+        self.make_spool(self.threads, sync_directories=False)
+
+    def test_250_after_one_fsync_of_the_data_file(self) -> None:
+        synced = CommitTests.record_fsyncs(self)  # type: ignore[arg-type]
+        message = self.spool.begin(SESSION, transaction())
+        message.write(b"Subject: hi\r\n\r\nbody\r\n")
+        d = message.finish(transaction())
+        self.assertNoResult(d)
+        self.threads.run_next()
+        self.assertEqual(synced, [os.path.abspath(self.store.data_path(message.queue_id))])
+        self.assertEqual(self.syncer.rounds, 0)
+        self.assertEqual(self.store.list_ids(INCOMING), [message.queue_id])
+        [reply] = self.successResultOf(d)
+        self.assertEqual((reply.code, reply.status), (250, "2.0.0"))
+
+    def test_concurrent_commits_need_no_shared_round(self) -> None:
+        first = self.spool.begin(SESSION, transaction()).finish(transaction())
+        second = self.spool.begin(SESSION, transaction()).finish(transaction())
+        self.threads.run_next()
+        self.threads.run_next()
+        self.assertEqual([r.code for r in self.successResultOf(first)], [250])
+        self.assertEqual([r.code for r in self.successResultOf(second)], [250])
+        self.assertEqual(self.syncer.rounds, 0)
+        self.clock.advance(0)
+        self.assertEqual(len(self.committed), 2)
+
+
 class FailureTests(SpoolTestMixin, SynchronousTestCase):
     def setUp(self) -> None:
         self.make_spool()
@@ -228,7 +271,7 @@ class FailureTests(SpoolTestMixin, SynchronousTestCase):
 
     def test_envelope_write_failure_451(self) -> None:
         """If the envelope cannot be written, the client gets 451, never 250."""
-        def broken(envelope: Envelope, state: str) -> None:
+        def broken(envelope: Envelope, state: str, sync: bool = True) -> None:
             raise OSError(errno.EIO, "Input/output error")
 
         message = self.spool.begin(SESSION, transaction())
@@ -253,7 +296,7 @@ class FailureTests(SpoolTestMixin, SynchronousTestCase):
         """When removing the failed message fails too, the client still gets 451 4.3.0 and
         both errors are logged; nothing is raised into the session."""
 
-        def broken(*args: object) -> None:
+        def broken(*args: object, **kwargs: object) -> None:
             raise OSError(errno.EIO, "Input/output error")
 
         message = self.spool.begin(SESSION, transaction())

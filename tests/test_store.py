@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailplat.envelope import Envelope, Recipient, SessionInfo
 from mailplat.groupsync import GroupSyncer
-from mailplat.store import ACTIVE, DEFERRED, HOLD, INCOMING, STATES, QueueStore
+from mailplat.store import (
+    ACTIVE, DEFERRED, HOLD, INCOMING, STATES, QueueStore, envelope_trailer, open_data, read_trailer,
+)
 from mailplat.testing import ManualThreads, run_synchronously
 
 
@@ -124,7 +126,8 @@ class QueueStoreTests(SynchronousTestCase):
         thread, and the Deferred fires only once the state directory has been synced."""
         threads, syncer = ManualThreads(), FakeSyncer()
         store = QueueStore(
-            self.mktemp(), syncer=syncer, runInThread=threads  # type: ignore[arg-type]
+            self.mktemp(), syncer=syncer, runInThread=threads,  # type: ignore[arg-type]
+            sync_directories=True,
         )
         d = store.write_envelope(envelope("ABC"), INCOMING, also_sync=[store.data_dir])
         self.assertEqual(store.list_ids(INCOMING), [])
@@ -233,6 +236,54 @@ class QueueStoreTests(SynchronousTestCase):
         self.assertEqual(found[INCOMING], ["OK"])
         self.assertEqual(self.store.list_ids(INCOMING), ["OK"])
         self.assertEqual(os.listdir(self.store.data_dir), ["OK"])
+
+    def committed(self, qid: str, body: bytes = b"Subject: x\r\n\r\nbody\r\n") -> Envelope:
+        """A data file as the spool commits it: the message, then its envelope."""
+        env = replace(envelope(qid), size=len(body), data_length=len(body))
+        with self.store.open_data_for_write(qid) as f:
+            f.write(body + envelope_trailer(env))
+        return env
+
+    def test_trailer_reads_back_and_bounds_the_message(self) -> None:
+        env = self.committed("T1")
+        path = self.store.data_path("T1")
+        self.assertEqual(read_trailer(path), env)
+        with open_data(path, env.data_length) as f:
+            self.assertEqual(f.read(), b"Subject: x\r\n\r\nbody\r\n")
+
+    def test_torn_or_missing_trailer_is_none(self) -> None:
+        """Every cut of a committed file reads as "never committed", as does a message
+        whose bytes merely look like a tail."""
+        self.committed("T1")
+        path = self.store.data_path("T1")
+        with open(path, "rb") as f:
+            whole = f.read()
+        for cut in range(len(whole)):
+            with open(path, "wb") as f:
+                f.write(whole[:cut])
+            self.assertIsNone(read_trailer(path), cut)
+        with open(path, "wb") as f:
+            f.write(b"x\r\nMAILPLAT-ENVELOPE 0000000002\r\n")
+        self.assertIsNone(read_trailer(path))
+
+    def test_recover_rebuilds_lost_incoming_envelope_from_the_trailer(self) -> None:
+        """The unsynced incoming/ copy lost or torn in a crash: the data file's trailer was
+        fsync'd before 250, so the message is rebuilt into incoming/, not dropped."""
+        lost, torn = self.committed("L1"), self.committed("T1")
+        with open(self.store.envelope_path("T1", INCOMING), "wb") as f:
+            f.write(torn.to_json()[:30])
+        found = self.store.recover()
+        self.assertEqual(found[INCOMING], ["T1", "L1"])
+        self.assertEqual(self.store.read_envelope("L1"), (INCOMING, lost))
+        self.assertEqual(self.store.read_envelope("T1"), (INCOMING, torn))
+        self.assertEqual(sorted(os.listdir(self.store.data_dir)), ["L1", "T1"])
+
+    def test_recover_drops_data_with_a_torn_trailer(self) -> None:
+        self.committed("T1")
+        path = self.store.data_path("T1")
+        os.truncate(path, os.path.getsize(path) - 5)
+        self.assertEqual(self.store.recover()[INCOMING], [])
+        self.assertEqual(os.listdir(self.store.data_dir), [])
 
     def test_recover_keeps_later_state_of_duplicate(self) -> None:
         """A message found in two state directories is kept only in the later state."""

@@ -24,7 +24,8 @@ class MaildirAgentFactory:
     def makeAgent(self, config: dict[str, Any], context: AgentContext) -> Any:
         from mailplat.maildir import MaildirAgent
 
-        return MaildirAgent(context.hostname, context.reactor)
+        sync = getattr(context.config, "sync_directories", "auto")  # [queue] sync_directories
+        return MaildirAgent(context.hostname, context.reactor, sync_directories=sync)
 
 
 maildir = MaildirAgentFactory()
