@@ -12,7 +12,7 @@ from typing import Any
 from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.plugin import getPlugins
 
 import mailplat.plugins
@@ -23,6 +23,7 @@ from mailplat.dsn import Notifier
 from mailplat.groupsync import GroupSyncer
 from mailplat.interfaces import AgentContext, IDeliveryAgent, IDeliveryAgentFactory
 from mailplat.listeners import build_factory
+from mailplat.logwriter import BackgroundWriter, offload_log_files, restore
 from mailplat.hooks import PluginService, build_chain, load_plugins, make_context, observers
 from mailplat.odmr_hold import odmr_router
 from mailplat.policy import DefaultPolicy
@@ -48,9 +49,12 @@ def load_agents(config: Config, context: AgentContext) -> dict[str, IDeliveryAge
 class MailServer(MultiService):
     """The top service; keeps references to the shared parts for tests and the CLI."""
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, offload_logs: bool = False) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
+        # Under twistd: log file writes go to a thread (logwriter.py), not the reactor's.
+        self.offload_logs = offload_logs
+        self._log_writers: list[BackgroundWriter] = []
         os.makedirs(config.data_dir, exist_ok=True)
         self.syncer = GroupSyncer(reactor)
         self.store = QueueStore(config.queue_dir, syncer=self.syncer,
@@ -103,6 +107,8 @@ class MailServer(MultiService):
         adopt_data_dir(self.config.data_dir)
 
     def startService(self) -> None:
+        if self.offload_logs:  # twistd has set up its log observer by now
+            self._log_writers = offload_log_files(globalLogPublisher)
         super().startService()  # type: ignore[no-untyped-call]
         for listener in self.config.listeners:
             log.info("listener {name} ({profile}) on {endpoint}", name=listener.name,
@@ -116,8 +122,14 @@ class MailServer(MultiService):
             closers = [getattr(agent, "close", None) for agent in self.agents.values()]
             return gatherResults([maybeDeferred(close) for close in closers if callable(close)])
 
-        return stopped.addCallback(close_agents)
+        stopped.addCallback(close_agents)
+        return stopped.addBoth(self._restore_logs)
+
+    def _restore_logs(self, result: object) -> object:
+        restore(globalLogPublisher, self._log_writers)
+        self._log_writers = []
+        return result
 
 
-def build_server(config: Config, reactor: Any) -> MailServer:
-    return MailServer(config, reactor)
+def build_server(config: Config, reactor: Any, offload_logs: bool = False) -> MailServer:
+    return MailServer(config, reactor, offload_logs)

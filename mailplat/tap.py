@@ -28,4 +28,4 @@ def makeService(options: Options) -> IService:
         raise usage.UsageError(
             "invalid configuration:\n" + "\n".join(str(p) for p in e.problems)
         ) from None
-    return build_server(config, reactor)
+    return build_server(config, reactor, offload_logs=True)

@@ -1,0 +1,99 @@
+"""Log file writes off the reactor thread.
+
+twistd's text log observer writes and flushes its file for every event, in the thread that
+logs: the reactor. While the queue's fsyncs keep the filesystem journal busy, such a write
+can wait for the journal, and the whole server waits with it (a fifth of the reactor's time
+in the 8-session benchmark, docs/performance.rst). ``offload_log_files`` leaves the observer
+and its formatting alone and only gives it a file whose ``write`` queues the text for a
+writer thread; lines keep their order, and ``close`` (at shutdown) writes what is left.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from twisted.logger import globalLogPublisher
+
+
+class BackgroundWriter:
+    """A file-like object: ``write`` queues, a daemon thread writes and flushes ``target``."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+        self._pending: list[Any] = []
+        self._cond = threading.Condition()
+        self._idle = False  # the thread waits for work: only then does a write wake it
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="mailplat-log", daemon=True)
+        self._thread.start()
+
+    def write(self, text: Any) -> None:
+        with self._cond:
+            if self._closing:
+                self.target.write(text)  # after close: the caller's thread, as before
+                return
+            self._pending.append(text)
+            if self._idle:
+                self._cond.notify()
+
+    def flush(self) -> None:
+        """Nothing here: the writer thread flushes after each batch."""
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write out everything queued, then stop the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        for _ in iter(int, 1):  # until closed: each round writes one batch
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._idle = True
+                    self._cond.wait()
+                self._idle = False
+                batch, self._pending = self._pending, []
+                closing = self._closing
+            if batch:
+                self._write(batch)
+            if closing and not batch:
+                return
+
+    def _write(self, batch: list[Any]) -> None:
+        try:
+            joined = (b"" if isinstance(batch[0], bytes) else "").join(batch)
+            self.target.write(joined)
+            self.target.flush()
+        except Exception:  # a full disk must not kill the thread; the lines are lost
+            pass
+
+
+def offload_log_files(publisher: Any = globalLogPublisher) -> list[BackgroundWriter]:
+    """Give every file-writing log observer of ``publisher`` a BackgroundWriter; returns
+    them for ``restore``. Observers without a file (or of another kind) are left as they
+    are, so a Twisted without the expected attribute simply keeps writing in place."""
+    writers = []
+    for observer in list(getattr(publisher, "_observers", ())):
+        target = getattr(observer, "_outFile", None)
+        if target is None or isinstance(target, BackgroundWriter):
+            continue
+        writer = BackgroundWriter(target)
+        observer._outFile = writer
+        writers.append(writer)
+    return writers
+
+
+def restore(publisher: Any, writers: list[BackgroundWriter]) -> None:
+    """Write out what is queued and give the observers their files back."""
+    for observer in list(getattr(publisher, "_observers", ())):
+        writer = getattr(observer, "_outFile", None)
+        if writer in writers:
+            writer.close()
+            observer._outFile = writer.target
+    for writer in writers:
+        writer.close()
+
+
+__all__ = ["BackgroundWriter", "offload_log_files", "restore"]

@@ -1,0 +1,67 @@
+"""Log file writes in a thread (mailplat.logwriter)."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+from twisted.logger import FileLogObserver, LogPublisher, Logger
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailplat.logwriter import BackgroundWriter, offload_log_files, restore
+
+
+class SlowFile(io.StringIO):
+    """Records which thread wrote, like a log file on a busy disk."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: set[str] = set()
+
+    def write(self, text: str) -> int:
+        self.threads.add(threading.current_thread().name)
+        return super().write(text)
+
+
+class BackgroundWriterTests(SynchronousTestCase):
+    def test_lines_keep_their_order_and_are_all_written_at_close(self) -> None:
+        target = SlowFile()
+        writer = BackgroundWriter(target)
+        for n in range(2000):
+            writer.write(f"line {n}\n")
+        writer.close()
+        self.assertEqual(target.getvalue(), "".join(f"line {n}\n" for n in range(2000)))
+        self.assertEqual(target.threads, {"mailplat-log"})
+
+    def test_bytes_too(self) -> None:
+        target = io.BytesIO()
+        writer = BackgroundWriter(target)
+        writer.write(b"a\n")
+        writer.write(b"b\n")
+        writer.close()
+        self.assertEqual(target.getvalue(), b"a\nb\n")
+
+    def test_after_close_writes_in_place(self) -> None:
+        target = SlowFile()
+        writer = BackgroundWriter(target)
+        writer.close()
+        writer.write("late\n")
+        self.assertEqual(target.getvalue(), "late\n")
+
+
+class OffloadTests(SynchronousTestCase):
+    def test_observer_file_swapped_and_restored(self) -> None:
+        """twistd's file observer keeps formatting; only its file changes, and returns."""
+        target = SlowFile()
+        observer = FileLogObserver(target, lambda event: event["log_format"] + "\n")
+        publisher = LogPublisher(observer, lambda event: None)
+        writers = offload_log_files(publisher)
+        self.assertEqual(len(writers), 1)
+        self.assertEqual(offload_log_files(publisher), [])  # never wrapped twice
+        log = Logger(observer=publisher)
+        for n in range(100):
+            log.info(f"event {n}")
+        restore(publisher, writers)
+        self.assertIs(observer._outFile, target)
+        self.assertEqual(target.getvalue(), "".join(f"event {n}\n" for n in range(100)))
+        self.assertEqual(target.threads, {"mailplat-log"})
