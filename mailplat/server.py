@@ -20,7 +20,8 @@ from mailplat.config import Config
 from mailplat.control import control_service
 from mailplat.dns import make_resolver
 from mailplat.dsn import Notifier
-from mailplat.groupsync import GroupSyncer
+from mailplat.datafiles import DataFilePool
+from mailplat.groupsync import GroupSyncer, thread_runner
 from mailplat.interfaces import AgentContext, IDeliveryAgent, IDeliveryAgentFactory
 from mailplat.listeners import build_factory
 from mailplat.logwriter import BackgroundWriter, offload_log_files, restore
@@ -63,7 +64,9 @@ class MailServer(MultiService):
         self.router = odmr_router(config, LocalRouter(config))
         # Built before the queue so that agents which put mail back into it (list expansion)
         # get the one spool; commits reach the queue once it exists.
-        self.spool = Spool(self.store, self.syncer, lambda e: self.queue.submit(e), reactor)
+        self.data_files = DataFilePool(self.store, thread_runner(reactor), reactor)
+        self.spool = Spool(self.store, self.syncer, lambda e: self.queue.submit(e), reactor,
+                           data_files=self.data_files)
         # One DNS resolver ([dns]) for MX lookups and for the policy plugins alike.
         settings = outbound_settings(config)
         self.resolver = make_resolver(settings.nameservers, reactor, settings.dns_timeout)
@@ -123,12 +126,18 @@ class MailServer(MultiService):
             return gatherResults([maybeDeferred(close) for close in closers if callable(close)])
 
         stopped.addCallback(close_agents)
+        stopped.addBoth(_passthrough, self.data_files.close)
         return stopped.addBoth(self._restore_logs)
 
     def _restore_logs(self, result: object) -> object:
         restore(globalLogPublisher, self._log_writers)
         self._log_writers = []
         return result
+
+
+def _passthrough(result: object, f: Any) -> object:
+    f()
+    return result
 
 
 def build_server(config: Config, reactor: Any, offload_logs: bool = False) -> MailServer:

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailplat.datafiles import DataFilePool
 from mailplat.envelope import Envelope, SessionInfo, Transaction
 from mailplat.groupsync import GroupSyncer, RunInThread, fsync_dirs, thread_runner
 from mailplat.interfaces import IIncomingMessage, IMessageSink, SpoolError
@@ -45,6 +46,7 @@ class Spool:
         on_commit: Callable[[Envelope], object],
         reactor: Any = None,
         runInThread: RunInThread | None = None,
+        data_files: DataFilePool | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -56,10 +58,12 @@ class Spool:
         self.reactor = reactor
         self.runInThread = runInThread or thread_runner(reactor)
         self.committing = 0  # commits in flight: a lone one needs no shared sync round
+        self.data_files = data_files  # files created ahead by a worker (the daemon's spool)
 
     def begin(self, session: SessionInfo, transaction: Transaction) -> "IncomingMessage":
         """Open the data file of a new message; SpoolError when the disk refuses."""
-        qid, data = open_data_file(self.store)
+        taken = self.data_files.take() if self.data_files is not None else None
+        qid, data = taken or open_data_file(self.store)
         return IncomingMessage(self, qid, data, session, transaction)
 
 

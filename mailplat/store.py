@@ -278,6 +278,10 @@ class QueueStore:
                 _unlink_quietly(self.envelope_path(qid, each))
         _unlink_quietly(self.data_path(qid))
 
+    def discard_data(self, qid: str) -> None:
+        """Delete a data file that never got an envelope (and never will)."""
+        _unlink_quietly(self.data_path(qid))
+
     def list_ids(self, state: str) -> list[str]:
         """Queue ids in ``state``, oldest first."""
         names = os.listdir(self.state_dir(state))
