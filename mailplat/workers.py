@@ -2,15 +2,17 @@
 
 Twisted's reactor pool hands every job to an idle, sleeping worker, so each thread hop pays a
 wake-up (a futex and a context switch, tens of microseconds on a virtual machine) while the
-reactor holds the GIL. Here the workers take jobs from one shared queue: under load a worker
-that finishes a job picks up the next one without anybody being woken. ``Batcher`` goes one
+reactor holds the GIL. Here the workers take jobs from one shared queue (``queue.SimpleQueue``,
+no per-job Future): under load a worker that finishes a job picks up the next one without
+anybody being woken. ``Batcher`` goes one
 step further for cheap metadata calls: one hop for everything queued meanwhile.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
@@ -22,12 +24,48 @@ T = TypeVar("T")
 RunInThread = Callable[..., "Deferred[Any]"]
 
 POOL_SIZE = 4  # enough fsyncs in flight to share journal commits; more only fight for the GIL
-_pools: dict[str, ThreadPoolExecutor] = {}
 
 
-def _shared_pool(name: str) -> ThreadPoolExecutor:
+class _Workers:
+    """Threads that take jobs from one queue. Lighter than concurrent.futures (no Future,
+    lock and condition made per job): the reactor pays for a job only a queue put, and a
+    busy worker takes the next job without being woken."""
+
+    def __init__(self, name: str, size: int) -> None:
+        self.name = name
+        self.size = size
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def submit(self, job: tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any], Any]) -> None:
+        if len(self._threads) < self.size:
+            self._start_thread()
+        self._jobs.put(job)
+
+    def _start_thread(self) -> None:
+        with self._lock:
+            if len(self._threads) >= self.size:
+                return
+            thread = threading.Thread(
+                target=self._work, name=f"mailplat-{self.name}_{len(self._threads)}", daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
+
+    def _work(self) -> None:
+        for _ in iter(int, 1):  # for the life of the process
+            f, args, d, reactor = self._jobs.get()
+            result = _capture(f, args)
+            reactor.callFromThread(_fire, d, result)
+
+
+_pools: dict[str, _Workers] = {}
+
+
+def _shared_pool(name: str) -> _Workers:
     if name not in _pools:
-        _pools[name] = ThreadPoolExecutor(POOL_SIZE, thread_name_prefix=f"mailplat-{name}")
+        _pools[name] = _Workers(name, POOL_SIZE)
     return _pools[name]
 
 
@@ -45,8 +83,7 @@ def thread_runner(reactor: Any = None, pool: str = "spool") -> RunInThread:
 
             reactor = default_reactor
         d: Deferred[T] = Deferred()
-        future = _shared_pool(pool).submit(_capture, f, args)
-        future.add_done_callback(lambda done: reactor.callFromThread(_fire, d, done))
+        _shared_pool(pool).submit((f, args, d, reactor))
         return d
 
     return run
@@ -65,8 +102,7 @@ class _Raised:
         self.failure = failure
 
 
-def _fire(d: Deferred[Any], done: Future[Any]) -> None:
-    result = done.result()
+def _fire(d: Deferred[Any], result: Any) -> None:
     if isinstance(result, _Raised):
         d.errback(result.failure)
     else:

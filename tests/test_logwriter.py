@@ -5,10 +5,10 @@ from __future__ import annotations
 import io
 import threading
 
-from twisted.logger import FileLogObserver, LogPublisher, Logger
+from twisted.logger import FileLogObserver, LogPublisher, Logger, textFileLogObserver
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailplat.logwriter import BackgroundWriter, offload_log_files, restore
+from mailplat.logwriter import BackgroundWriter, SecondCache, offload_log_files, restore
 
 
 class SlowFile(io.StringIO):
@@ -65,3 +65,21 @@ class OffloadTests(SynchronousTestCase):
         self.assertIs(observer._outFile, target)
         self.assertEqual(target.getvalue(), "".join(f"event {n}\n" for n in range(100)))
         self.assertEqual(target.threads, {"mailplat-log"})
+
+    def test_twistd_format_same_text_with_cached_seconds(self) -> None:
+        """twistd's own observer: its lines come out byte for byte as Twisted writes them."""
+        ours, theirs = SlowFile(), io.StringIO()
+        observer = textFileLogObserver(ours)
+        reference = textFileLogObserver(theirs)
+        publisher = LogPublisher(observer)
+        writers = offload_log_files(publisher)
+        self.assertIsInstance(observer.formatEvent.__self__, SecondCache)
+        events = [dict(log_format="n={n}", n=n, log_time=1_700_000_000 + n / 3,
+                       log_namespace="mailplat.queue", log_level=None, log_system="-")
+                  for n in range(12)]
+        for event in events:
+            publisher(event)
+            reference(event)
+        restore(publisher, writers)
+        self.assertEqual(ours.getvalue(), theirs.getvalue())
+        self.assertNotIsInstance(getattr(observer.formatEvent, "__self__", None), SecondCache)
