@@ -166,7 +166,11 @@ def etrn_reply(code: int, node: str, text: str) -> R.Reply:
 
 
 class EtrnCommands(_OdmrParts):
-    """ETRN (RFC 1985) for the relay session: ``smtp_ETRN`` and its EHLO keyword."""
+    """ETRN (RFC 1985) for the relay session: ``smtp_ETRN`` and its EHLO keyword.
+
+    The session checks the command; what to do for the node is the ``EtrnDesk``'s business,
+    which the factory carries as ``etrn`` (in a receiver process, a desk that asks the main
+    process, where the queue is: mailplat.receivers)."""
 
     def extra_keywords(self) -> list[str]:
         return [*super().extra_keywords(), "ETRN"]
@@ -180,22 +184,40 @@ class EtrnCommands(_OdmrParts):
         kind, name = (node[0], node[1:]) if node[:1] in ("@", "#") else ("", node)
         if not name or " " in name or (kind != "#" and parse_domains(name) is None):
             return R.Reply(501, "5.5.4", "Syntax: ETRN [@|#]domain")
+        desk = getattr(self.factory, "etrn", None) or EtrnDesk(self.odmr)
+        return desk.etrn(node, self.info.peer_host, self.info.auth_user)
+
+
+class EtrnDesk:
+    """Answers a checked ETRN node for a client (its address and AUTH user): starts the
+    queue run and says how it went."""
+
+    def __init__(self, odmr: OdmrContext) -> None:
+        self.odmr = odmr
+
+    def etrn(self, node: str, peer_host: str, auth_user: str | None) -> Any:
+        kind, name = (node[0], node[1:]) if node[:1] in ("@", "#") else ("", node)
         sites = self.odmr.sites.matching(name, subdomains=kind == "@")
         if sites:
-            return self._etrn_sites(node, sites)
+            return self._etrn_sites(node, sites, peer_host, auth_user)
         if kind == "#":
             return etrn_reply(459, node, "Node {node} not allowed: no such queue")
+        if not in_networks(peer_host, self.odmr.trusted):
+            return etrn_reply(459, node, "Node {node} not allowed: client not authorized")
         return self._etrn_flush(node, domain_key(name), kind == "@")
 
-    def _may_etrn(self, site: Site) -> bool:
-        if self.info.auth_user is not None and self.info.auth_user.lower() in site.accounts:
+    @staticmethod
+    def _may_etrn(site: Site, peer_host: str, auth_user: str | None) -> bool:
+        if auth_user is not None and auth_user.lower() in site.accounts:
             return True
-        return in_networks(self.info.peer_host, parse_networks(site.etrn_clients))
+        return in_networks(peer_host, parse_networks(site.etrn_clients))
 
-    def _etrn_sites(self, node: str, sites: list[Site]) -> Any:
+    def _etrn_sites(
+        self, node: str, sites: list[Site], peer_host: str, auth_user: str | None
+    ) -> Any:
         """Held mail of ODMR sites with a static host goes to that host now."""
         collect, connector = self.odmr.collect, self.odmr.connector
-        refused = [s for s in sites if not self._may_etrn(s)]
+        refused = [s for s in sites if not self._may_etrn(s, peer_host, auth_user)]
         if refused:
             return etrn_reply(459, node, "Node {node} not allowed: client not authorized")
         if any(s.etrn_host is None for s in sites):
@@ -225,9 +247,7 @@ class EtrnCommands(_OdmrParts):
         return etrn_reply(253, node, f"OK, {len(ids)} pending messages for node {{node}} started")
 
     def _etrn_flush(self, node: str, domain: str, subdomains: bool) -> Any:
-        """Any other domain: retry its deferred mail now, for trusted clients only."""
-        if not in_networks(self.info.peer_host, self.odmr.trusted):
-            return etrn_reply(459, node, "Node {node} not allowed: client not authorized")
+        """Any other domain: retry its deferred mail now (trusted clients only, checked)."""
         collect = self.odmr.collect
         if collect is None:
             return etrn_reply(458, node, "Unable to queue messages for node {node}")
@@ -334,11 +354,14 @@ def relay_etrn_profile(listener: ListenerConfig, server: MailServer, reactor: An
 
     factory = relay_profile(listener, server, reactor)
     factory.protocol = EtrnRelaySession
-    setattr(factory, "odmr", odmr_context(server, reactor))  # OdmrSession.odmr reads it
+    context = odmr_context(server, reactor)
+    setattr(factory, "odmr", context)  # OdmrSession.odmr reads it
+    # A receiver process (mailplat.receivers) has a desk of its own that asks the main one.
+    setattr(factory, "etrn", getattr(server, "etrn_desk", None) or EtrnDesk(context))
     return factory
 
 
 __all__ = [
-    "EtrnCommands", "EtrnRelaySession", "OdmrContext", "OdmrSession", "odmr_profile",
+    "EtrnCommands", "EtrnDesk", "EtrnRelaySession", "OdmrContext", "OdmrSession", "odmr_profile",
     "parse_domains", "relay_etrn_profile",
 ]
