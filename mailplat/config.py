@@ -121,6 +121,7 @@ class Config:
     bounce_size_limit: int = 1 << 20
     control_socket: str = ""
     sync_directories: bool | str = "auto"  # mailplat.durability
+    receivers: int = 0  # extra processes taking SMTP sessions (mailplat.receivers)
 
 
 # ---------------------------------------------------------------- the schema and its extensions
@@ -128,7 +129,7 @@ class Config:
 _KNOWN: dict[str, set[str]] = {
     # "agent" holds one [agent.NAME] table per delivery agent, checked by that agent's plugin.
     "": {"hostname", "data_dir", "queue", "limits", "maildir", "relay", "listener", "domains",
-         "agent"},
+         "agent", "receivers"},
     "queue": {"dir", "retry_delay", "max_lifetime", "max_retry_delay", "retry_backoff",
               "retry_jitter", "delay_warning", "agent_concurrency", "destination_concurrency",
               "active_limit", "bounce_size_limit", "control_socket", "sync_directories"},
@@ -250,8 +251,15 @@ def _build(raw: dict[str, Any], check: _Checker) -> Config:
         trusted_networks=check.get(relay, ("relay",), "trusted_networks", _networks, ()),
         raw=raw,
         source=check.source,
+        receivers=check.get(raw, (), "receivers", _receivers, 0),
         **queue_options(queue, check, data_dir, retry_delay, max_lifetime),
     )
+
+
+def _receivers(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 64:
+        raise ValueError(f"{value!r} is not a number of processes from 0 to 64")
+    return value
 
 
 def _listeners(raw: Mapping[str, Any], check: _Checker) -> tuple[ListenerConfig, ...]:

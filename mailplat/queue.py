@@ -212,6 +212,10 @@ class QueueManager(QueueCommands, QueueNotices, Service):
 
     # -- the public queue API ---------------------------------------------------------------
 
+    def knows(self, qid: str) -> bool:
+        """Is the message in flight or waiting for its time here?"""
+        return qid in self._busy or qid in self.due
+
     def submit(self, envelope: Envelope) -> "Deferred[None]":
         """A message was just committed to incoming/ (the spool's on_commit): deliver it now,
         or as soon as the number of messages in flight allows."""

@@ -30,6 +30,7 @@ from mailplat.odmr_hold import odmr_router
 from mailplat.policy import DefaultPolicy
 from mailplat.privileges import adopt_data_dir
 from mailplat.queue import QueueManager
+from mailplat.receivers import Receivers
 from mailplat.routeconfig import outbound_settings
 from mailplat.routing import LocalRouter
 from mailplat.spool import Spool
@@ -45,6 +46,20 @@ def load_agents(config: Config, context: AgentContext) -> dict[str, IDeliveryAge
     for factory in getPlugins(IDeliveryAgentFactory, mailplat.plugins):
         agents[factory.name] = factory.makeAgent(sections.get(factory.name, {}), context)
     return agents
+
+
+def reception_policy(
+    parent: MultiService, config: Config, reactor: Any, router: Any, resolver: Any
+) -> tuple[list[Any], Any]:
+    """The policy plugins ([plugins] order, after the routing/relay check; see hooks.py) and
+    the policy chain the sessions ask; the plugins' service joins ``parent``. Shared by the
+    main process and the receivers, so both judge mail alike."""
+    context, pool = make_context(config, reactor, resolver)
+    plugins = load_plugins(config.raw, context)
+    default = DefaultPolicy(router, config.trusted_networks)
+    policy = build_chain(default, plugins, context)
+    PluginService(plugins, pool).setServiceParent(parent)  # type: ignore[no-untyped-call]
+    return plugins, policy
 
 
 class MailServer(MultiService):
@@ -81,13 +96,9 @@ class MailServer(MultiService):
             schedule=config.retry_schedule, limits=config.concurrency,
         )
         self.queue.setServiceParent(self)  # type: ignore[no-untyped-call]
-        # Policy plugins ([plugins] order) run after the routing/relay check; see hooks.py.
-        context, pool = make_context(config, reactor, self.resolver)
-        self.plugins = load_plugins(config.raw, context)
-        default = DefaultPolicy(self.router, config.trusted_networks)
-        self.policy = build_chain(default, self.plugins, context)
+        self.plugins, self.policy = reception_policy(self, config, reactor, self.router,
+                                                     self.resolver)
         self.queue.observers.extend(observers(self.plugins))
-        PluginService(self.plugins, pool).setServiceParent(self)  # type: ignore[no-untyped-call]
         self.listeners: dict[str, Any] = {}
         for listener in config.listeners:
             factory = build_factory(listener, self, reactor)
@@ -102,6 +113,9 @@ class MailServer(MultiService):
         control = control_service(self.queue, config.control_socket, reactor)
         if control is not None:  # `mailplat queue` commands reach the running queue here
             control.setServiceParent(self)
+        if config.receivers:  # more processes for the sessions (receivers.py)
+            receivers = Receivers(self, config.receivers, reactor)
+            receivers.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def privilegedStartService(self) -> None:
         """Bind (as root, if started so), then hand the data dir's contents to its owner
