@@ -25,11 +25,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 
 
-def render_config(base: str, port: int, message_size: int) -> str:
-    """The throwaway TOML: one relay listener on 127.0.0.1:port, Maildirs under ``base``."""
+def render_config(base: str, port: int, message_size: int, receivers: int = 0) -> str:
+    """The throwaway TOML: one relay listener on 127.0.0.1:port, Maildirs under ``base``,
+    ``receivers`` more processes for the sessions."""
     return "\n".join([
         'hostname = "bench-mailplat.localdomain"',
         f'data_dir = "{base}/var"',
+        f"receivers = {receivers}",
         "",
         "[limits]",
         f"message_size = {message_size}",
@@ -52,9 +54,11 @@ class MailplatServer:
 
     def __init__(
         self, message_size: int, source: str = REPO, env: dict[str, str] | None = None,
-        twistd_args: list[str] | None = None,
+        twistd_args: list[str] | None = None, receivers: int = 0,
     ) -> None:
         self.message_size = message_size
+        self.receivers = receivers
+        self.tree = receivers > 0  # CPU and memory summed over the daemon and its receivers
         self.source = source  # the checkout whose mailplat package is measured
         self.extra_env = env or {}
         self.twistd_args = twistd_args or []  # e.g. --profile=FILE --profiler=cprofile
@@ -75,7 +79,7 @@ class MailplatServer:
         self.port = free_port()
         config = os.path.join(self.base, "mailplat.toml")
         with open(config, "w") as f:
-            f.write(render_config(self.base, self.port, self.message_size))
+            f.write(render_config(self.base, self.port, self.message_size, self.receivers))
         env = dict(os.environ, PYTHONPATH=self.source + os.pathsep + os.environ.get("PYTHONPATH", ""))
         env.update(self.extra_env)
         command = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile", self.log_path,
@@ -91,14 +95,19 @@ class MailplatServer:
             raise RuntimeError(f"mailplat did not start; see {self.base}/stderr and {self.log_path}")
 
     def pids(self) -> list[int]:
-        return [self.process.pid] if self.process and self.process.poll() is None else []
+        if not self.process or self.process.poll() is not None:
+            return []
+        if not self.tree:
+            return [self.process.pid]
+        from benchmarks.measure import process_tree
+
+        return [stat.pid for stat in process_tree(self.process.pid)]
 
     @property
     def root_pid(self) -> int:
         assert self.process is not None
         return self.process.pid
 
-    tree = False  # CPU and memory are those of the one daemon process
 
     def delivered(self) -> int:
         return count_files(self.maildir_new)

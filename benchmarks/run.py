@@ -46,6 +46,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--baseline", metavar="DIR", default=None, help="also run the mailplat "
                         "of another checkout (e.g. a git worktree of the previous release), "
                         "alternately, as server \"baseline\": before/after in one run")
+    parser.add_argument("--receivers", default="auto",
+                        help="mailplat's receiver processes (config key receivers): a number, or "
+                        "auto = one per CPU beyond the first (default)")
+    parser.add_argument("--baseline-receivers", type=int, default=0,
+                        help="the same for --baseline (an older checkout may not know the key)")
     parser.add_argument("--py-spy", metavar="DIR", default=None,
                         help="record py-spy collapsed stacks of mailplat per scenario into DIR")
     args = parser.parse_args(argv)
@@ -69,11 +74,21 @@ def preflight(args: argparse.Namespace) -> str:
     return smtp_source
 
 
+def receiver_count(setting: str) -> int:
+    """``auto``: the cores beyond the one the main process keeps busy."""
+    if setting == "auto":
+        return max(0, (os.cpu_count() or 1) - 1)
+    return int(setting)
+
+
 def servers_for(args: argparse.Namespace, round_number: int) -> list[Any]:
     """The servers for one scenario round; their order alternates from round to round."""
-    servers: list[Any] = [MailplatServer(MESSAGE_SIZE_LIMIT, os.path.abspath(args.source))]
+    receivers = receiver_count(args.receivers)
+    servers: list[Any] = [MailplatServer(MESSAGE_SIZE_LIMIT, os.path.abspath(args.source),
+                                         receivers=receivers)]
     if args.baseline:
-        baseline = MailplatServer(MESSAGE_SIZE_LIMIT, os.path.abspath(args.baseline))
+        baseline = MailplatServer(MESSAGE_SIZE_LIMIT, os.path.abspath(args.baseline),
+                                  receivers=args.baseline_receivers)
         baseline.name = "baseline"
         servers.append(baseline)
     if args.compare == "postfix":
@@ -126,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": started.isoformat(timespec="seconds"),
         "command": command.strip(),
         "machine": machine,
+        "mailplat_receivers": receiver_count(args.receivers),
         "summary": rows,
         "ratios_delivered": report.ratios(rows),
         "ratios_delivered_baseline": report.ratios(rows, "baseline") if args.baseline else None,
