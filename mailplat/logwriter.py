@@ -13,6 +13,7 @@ line, is computed once per second (``SecondCache``): the same text, a twentieth 
 from __future__ import annotations
 
 import threading
+from string import Formatter
 from typing import Any
 
 from twisted.logger import formatEventAsClassicLogText, formatTime, globalLogPublisher
@@ -99,7 +100,51 @@ class SecondCache:
         return self._text
 
     def format_event(self, event: Any) -> str | None:
-        return formatEventAsClassicLogText(event, formatTime=self)
+        """Twisted's classic line. Plain events (no traceback, no "{f()}" calls in the format)
+        are formatted by ``str.format_map``, in C, instead of Twisted's pure-Python
+        formatter; anything else, or anything that fails, goes Twisted's way."""
+        fmt = event.get("log_format")
+        if (type(fmt) is not str or not _plain(fmt) or "log_failure" in event
+                or "log_flattened" in event):
+            return formatEventAsClassicLogText(event, formatTime=self)
+        try:
+            text = fmt.format_map(event)
+        except Exception:
+            return formatEventAsClassicLogText(event, formatTime=self)
+        if not text:
+            return None
+        line = f"{self(event.get('log_time'))} [{_system(event)}] {text}"
+        return line.replace("\n", "\n\t") + "\n"
+
+
+_PLAIN: dict[str, bool] = {}
+
+
+def _plain(fmt: str) -> bool:
+    """No "{f()}" call in a field (Twisted's own extension to str.format); remembered per
+    format string, since the formats are the constants in the code."""
+    known = _PLAIN.get(fmt)
+    if known is None:
+        try:
+            fields = [field for _, field, _, _ in Formatter().parse(fmt) if field]
+            known = not any("(" in field for field in fields)
+        except ValueError:
+            known = False
+        if len(_PLAIN) < 10_000:
+            _PLAIN[fmt] = known
+    return known
+
+
+def _system(event: Any) -> str:
+    """The "[system]" part, as Twisted writes it."""
+    system = event.get("log_system")
+    if system is None:
+        level = event.get("log_level")
+        return f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+    try:
+        return str(system)
+    except Exception:
+        return "UNFORMATTABLE"
 
 
 def _is_twistd_default(format_event: Any) -> bool:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import threading
+from typing import Any
 
-from twisted.logger import FileLogObserver, LogPublisher, Logger, textFileLogObserver
+from twisted.logger import FileLogObserver, LogLevel, LogPublisher, Logger, textFileLogObserver
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailplat.logwriter import BackgroundWriter, SecondCache, offload_log_files, restore
@@ -74,9 +76,23 @@ class OffloadTests(SynchronousTestCase):
         publisher = LogPublisher(observer)
         writers = offload_log_files(publisher)
         self.assertIsInstance(observer.formatEvent.__self__, SecondCache)
-        events = [dict(log_format="n={n}", n=n, log_time=1_700_000_000 + n / 3,
-                       log_namespace="mailplat.queue", log_level=None, log_system="-")
-                  for n in range(12)]
+        events: list[dict[str, Any]] = [
+            dict(log_format="n={n}", n=n, log_time=1_700_000_000 + n / 3,
+                 log_namespace="mailplat.queue", log_level=None, log_system="-")
+            for n in range(12)]
+        events += [
+            dict(log_format="{qid}: to=<{a}>, delay={d:.2f}, {r!r}", qid="Q1", a="x@y", d=0.123,
+                 r=("250", "ok"), log_time=1_700_000_100.5, log_namespace="mailplat.queue",
+                 log_level=LogLevel.info),
+            dict(log_format="two\nlines {x}", x=1, log_time=1_700_000_101.0, log_system=5),
+            dict(log_format="{missing}", log_time=1_700_000_102.0),
+            dict(log_format="", log_time=1_700_000_103.0),
+            dict(log_format="{f()}", f=lambda: "called", log_time=1_700_000_104.0),
+            dict(log_format="{a[k]} {b.real}", a={"k": "v"}, b=3, log_time=None,
+                 log_namespace="ns", log_level=LogLevel.warn),
+            dict(log_format="oops", log_failure=Failure(ValueError("boom")),
+                 log_time=1_700_000_105.0),
+        ]
         for event in events:
             publisher(event)
             reference(event)
