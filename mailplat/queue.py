@@ -217,36 +217,30 @@ class QueueManager(QueueCommands, QueueNotices, Service):
         return qid in self._busy or qid in self.due
 
     def submit(self, envelope: Envelope) -> "Deferred[None]":
-        """A message was just committed to incoming/ (the spool's on_commit): deliver it now,
-        or as soon as the number of messages in flight allows."""
+        """A message was just committed, unfiled (the spool's on_commit): deliver it now, or
+        as soon as the number of messages in flight allows. Its first attempt starts from
+        its data file alone; only a message that is not finished by it gets a file of its
+        own (``_settle``)."""
         qid = envelope.queue_id
-        self._busy.add(qid)  # no operator command acts on it while it is being activated
-        d = self._files.run(self.store.move, qid, INCOMING, ACTIVE)
-        return d.addBoth(self._activated, envelope)
-
-    def _activated(self, result: object, envelope: Envelope) -> "Deferred[None] | None":
-        qid = envelope.queue_id
-        if isinstance(result, Failure):
-            log.failure("{qid}: cannot activate", result, qid=qid)
-            self._schedule(qid, self.reactor.seconds() + self.schedule.first)
-            self._attempt_done(qid)
-            return None
+        if self.knows(qid):
+            return succeed(None)  # announced twice (a receiver's sweep): one is enough
         self._notify("queued", envelope)
-        self._busy.discard(qid)  # _attempt takes it again at once; waiters stay registered
         if not self._has_room():
-            self._schedule(qid, self.reactor.seconds())
-            self._attempt_done(qid)
-            return None
-        return self._attempt(envelope)
+            self._schedule(qid, self.reactor.seconds())  # _start files it into active/
+            return succeed(None)
+        return self._attempt(envelope, state=INCOMING)
 
     # -- one delivery attempt ---------------------------------------------------------------
 
-    def _attempt(self, envelope: Envelope, returned: Reply | None = None) -> "Deferred[None]":
+    def _attempt(
+        self, envelope: Envelope, returned: Reply | None = None, state: str = ACTIVE
+    ) -> "Deferred[None]":
         """Run one attempt; whatever goes wrong, the message stays queued for a later one.
-        With ``returned``, nothing is delivered: every unfinished recipient fails with it."""
+        With ``returned``, nothing is delivered: every unfinished recipient fails with it.
+        ``state`` is where its envelope is: active/, or unfiled (INCOMING)."""
         qid = envelope.queue_id
         self._busy.add(qid)
-        d = Deferred.fromCoroutine(self._attempt_steps(envelope, returned))
+        d = Deferred.fromCoroutine(self._attempt_steps(envelope, returned, state))
         d.addErrback(self._attempt_failed, qid)
         d.addBoth(_passthrough_after, self._attempt_done, qid)
         return d
@@ -274,7 +268,7 @@ class QueueManager(QueueCommands, QueueNotices, Service):
         self._idle_waiters.setdefault(qid, []).append(waiter)
         return waiter
 
-    async def _attempt_steps(self, envelope: Envelope, returned: Reply | None) -> None:
+    async def _attempt_steps(self, envelope: Envelope, returned: Reply | None, state: str) -> None:
         """Deliver the due recipients, record outcomes, send owed DSNs, settle."""
         forced = self._forced.pop(envelope.queue_id, None)
         if returned is None:
@@ -289,7 +283,7 @@ class QueueManager(QueueCommands, QueueNotices, Service):
         envelope = self._apply(envelope, outcomes)
         envelope = await self._send_owed(envelope)
         envelope = await self._warn_delay(envelope)
-        await self._settle(envelope)
+        await self._settle(envelope, state)
 
     async def _deliver(self, envelope: Envelope, indexes: list[int]) -> Outcomes:
         """Route the recipients, then one call per agent, all agents at once."""
@@ -384,18 +378,23 @@ class QueueManager(QueueCommands, QueueNotices, Service):
             d = maybeDeferred(getattr(observer, event), *args)
             d.addErrback(_observer_failed, observer, event)
 
-    async def _settle(self, envelope: Envelope) -> None:
+    async def _settle(self, envelope: Envelope, state: str = ACTIVE) -> None:
         """Finished messages leave the queue; others wait in deferred/ for their next turn."""
         qid = envelope.queue_id
         owes = owes_notice(envelope)
+        unfiled = state == INCOMING
         if envelope.finished and not owes:
-            await self._files.run(self.store.remove, qid, ACTIVE)
+            await self._files.run(self.store.remove, qid, state, not unfiled)
             log.info("{qid}: removed", qid=qid)
             return
-        # Replace the envelope in place, then one rename: never two copies in two states.
-        # If this fails, _attempt_failed retries from the envelope left on disk.
-        await self.store.write_envelope(envelope, ACTIVE)
-        self.store.move(qid, ACTIVE, DEFERRED)
+        if unfiled:
+            # Filed now, whole and synced; until then its trailer was its envelope.
+            await self.store.write_envelope(envelope, DEFERRED)
+        else:
+            # Replace the envelope in place, then one rename: never two copies in two
+            # states. If this fails, _attempt_failed retries from the envelope on disk.
+            await self.store.write_envelope(envelope, ACTIVE)
+            self.store.move(qid, ACTIVE, DEFERRED)
         due = next_due(envelope)
         if owes:
             retry = self.reactor.seconds() + self.schedule.first

@@ -177,7 +177,7 @@ class Receivers(Service):
                 if queue.knows(qid):
                     continue
                 try:
-                    if os.path.getmtime(store.envelope_path(qid, INCOMING)) > cutoff:
+                    if os.path.getmtime(store.data_path(qid)) > cutoff:
                         continue
                     found.append(store.read_envelope(qid)[1])
                 except (OSError, ValueError, TypeError, KeyError):

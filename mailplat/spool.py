@@ -1,11 +1,10 @@
 """The spool writer: where SMTP sessions stream a message into the queue.
 
 The bytes go straight to ``data/<qid>`` while they arrive. At the end of data the envelope is
-appended to the file as its trailer and the file is fsync'd: one journal commit, and the
-message is durable. The envelope is then written, unsynced, into ``incoming/`` for the queue
-(the store rebuilds it from the trailer after a crash); only on filesystems that need it are
-the directories fsync'd too (in a round shared with concurrent commits, if any). Then the
-client gets 250. Any failure answers 451/452, never 250 or 5xx, since the client still holds
+appended to the file as its trailer and the file is fsync'd: one journal commit, one file, and
+the message is durable (``store``: an unfiled message, in state incoming). Only on filesystems
+that need it is the directory fsync'd too (in a round shared with concurrent commits, if any).
+Then the client gets 250. Any failure answers 451/452, never 250 or 5xx, since the client still holds
 the message and can simply try again.
 """
 
@@ -25,7 +24,7 @@ from mailplat.envelope import Envelope, SessionInfo, Transaction
 from mailplat.groupsync import GroupSyncer, RunInThread, fsync_dirs, thread_runner
 from mailplat.interfaces import IIncomingMessage, IMessageSink, SpoolError
 from mailplat.replies import LOCAL_ERROR, SPOOL_FULL, Reply
-from mailplat.store import INCOMING, QueueStore, envelope_trailer, is_disk_full
+from mailplat.store import QueueStore, envelope_trailer, is_disk_full
 
 log = Logger()
 
@@ -202,21 +201,20 @@ class IncomingMessage(SpooledMessage):
         return Deferred.fromCoroutine(self._commit()).addCallbacks(self._committed, self._failed)
 
     async def _commit(self) -> Envelope:
-        """The commit order: trailer appended and the data file fsync'd (durable now), the
-        unsynced envelope copy written into incoming/ (both in one thread hop); where the
-        filesystem needs it, one shared round then syncs data/ and incoming/."""
+        """The commit: trailer appended and the data file fsync'd (durable now), in one
+        thread hop; where the filesystem needs it, one shared round then syncs data/."""
         spool, store = self._spool, self._spool.store
         envelope = self.envelope()
         if not store.sync_directories:
-            await spool.runInThread(_store_files, self._data, store, envelope, [])
+            await spool.runInThread(_store_files, self._data, envelope, [])
             return envelope
-        dirs = [store.state_dir(INCOMING), store.data_dir]
+        dirs = [store.data_dir]
         # A lone commit syncs the directories in its own hop: there is nobody to share a
         # round with, and a second hop would only add latency. Concurrent ones share rounds.
         alone = spool.committing == 0
         spool.committing += 1
         try:
-            await spool.runInThread(_store_files, self._data, store, envelope, dirs if alone else [])
+            await spool.runInThread(_store_files, self._data, envelope, dirs if alone else [])
             if not alone:
                 await spool.syncer.sync_dirs(dirs)
         finally:
@@ -243,13 +241,10 @@ class IncomingMessage(SpooledMessage):
         return [error_reply(failure.value)] * self.reply_count()
 
 
-def _store_files(data: IO[bytes], store: QueueStore, envelope: Envelope, dirs: list[str]) -> None:
-    """Blocking: the data and its trailer made durable first, then the queue's copy of the
-    envelope (only after, so it never points at data that could still be lost), then (when
-    given) the directories holding both."""
+def _store_files(data: IO[bytes], envelope: Envelope, dirs: list[str]) -> None:
+    """Blocking: the data and its trailer made durable, then (when given) the directory."""
     data.write(envelope_trailer(envelope))
     _fsync_and_close(data)
-    store.create_envelope(envelope, INCOMING, sync=False)
     fsync_dirs(dirs)
 
 

@@ -7,10 +7,12 @@ Layout under the queue root::
     incoming/ active/ deferred/ hold/   <qid>.json, one directory per state
 
 A new message is committed by one fsync of its data file, which ends with the envelope
-(``envelope_trailer``): one journal commit before 250, as Postfix's one queue file. The
-``incoming/<qid>.json`` written next is not synced; after a crash ``recover`` rebuilds it from
-the trailer. From then on a state change is one ``rename`` and later envelopes (retries) are
-written whole and synced. Only envelopes are ever read into memory, never message data, so a
+(``envelope_trailer``): one journal commit before 250, as Postfix's one queue file, and no
+other file. Such an *unfiled* message is in state ``incoming``: ``read_envelope``,
+``state_of`` and ``list_ids`` read its trailer. Its first delivery attempt usually finishes
+it (only its data file is removed); otherwise its envelope is filed, written whole and
+synced, into a state directory (``deferred/``, or ``active/`` when it waits for a delivery
+slot, ``hold/``...), and from then on a state change is one ``rename``. Only envelopes are ever read into memory, never message data, so a
 queue with tens of thousands of deferred messages stays cheap.
 """
 
@@ -234,8 +236,15 @@ class QueueStore:
 
     def move(self, qid: str, src: str, dst: str) -> None:
         """Change a message's state with one rename (not synced: a lost rename only means the
-        message is retried from its earlier state, which at-least-once delivery allows)."""
-        os.rename(self.envelope_path(qid, src), self.envelope_path(qid, dst))
+        message is retried from its earlier state, which at-least-once delivery allows). An
+        unfiled message gets its envelope filed into ``dst``, from its trailer."""
+        try:
+            os.rename(self.envelope_path(qid, src), self.envelope_path(qid, dst))
+        except FileNotFoundError:
+            envelope = read_trailer(self.data_path(qid)) if src == INCOMING else None
+            if envelope is None:
+                raise
+            self._write_envelope_file(envelope, dst)
 
     def read_envelope(self, qid: str) -> tuple[str, Envelope]:
         """The message's current state and envelope; FileNotFoundError when it is gone."""
@@ -245,14 +254,17 @@ class QueueStore:
                     return state, Envelope.from_json(f.read())
             except FileNotFoundError:
                 continue
+        envelope = read_trailer(self.data_path(qid))
+        if envelope is not None:
+            return INCOMING, envelope  # unfiled
         raise FileNotFoundError(errno.ENOENT, "no such queue id", qid)
 
     def state_of(self, qid: str) -> str | None:
-        """Which state directory holds the message now, or None when it is gone."""
+        """Which state the message is in now, or None when it is gone."""
         for state in STATES:
             if os.path.exists(self.envelope_path(qid, state)):
                 return state
-        return None
+        return INCOMING if read_trailer(self.data_path(qid)) is not None else None
 
     def select(self, ids: Iterable[str], predicate: Callable[[Envelope], bool]) -> list[str]:
         """Blocking: the ids whose envelope satisfies ``predicate`` (gone or unreadable: no)."""
@@ -269,11 +281,11 @@ class QueueStore:
         """Run blocking queue reads off the reactor thread."""
         return self._run(f, *args)
 
-    def remove(self, qid: str, state: str | None = None) -> None:
-        """Forget a message: envelope first, so a crash can only leave orphan data behind,
-        which recovery removes. ``state``, when the caller knows it, spares the look into
-        every other state directory (unless the envelope is not there after all)."""
-        if state is None or not _unlink_quietly(self.envelope_path(qid, state)):
+    def remove(self, qid: str, state: str | None = None, filed: bool = True) -> None:
+        """Forget a message: envelope first, then the data. ``state``, when the caller knows
+        it, spares the look into every other state directory (unless the envelope is not
+        there after all); ``filed=False`` says there is no envelope file at all."""
+        if filed and (state is None or not _unlink_quietly(self.envelope_path(qid, state))):
             for each in STATES:
                 _unlink_quietly(self.envelope_path(qid, each))
         _unlink_quietly(self.data_path(qid))
@@ -283,9 +295,22 @@ class QueueStore:
         _unlink_quietly(self.data_path(qid))
 
     def list_ids(self, state: str) -> list[str]:
-        """Queue ids in ``state``, oldest first."""
+        """Queue ids in ``state``, oldest first (incoming: unfiled messages too)."""
+        ids = self._filed(state)
+        if state == INCOMING:
+            ids += self.unfiled_ids()
+        return sorted(ids)
+
+    def _filed(self, state: str) -> list[str]:
         names = os.listdir(self.state_dir(state))
-        return sorted(n[: -len(_SUFFIX)] for n in names if n.endswith(_SUFFIX))
+        return [n[: -len(_SUFFIX)] for n in names if n.endswith(_SUFFIX)]
+
+    def unfiled_ids(self) -> list[str]:
+        """Committed messages with no envelope file yet (their trailer is the envelope);
+        data files being received, or never committed, have no complete trailer."""
+        filed = {qid for state in STATES for qid in self._filed(state)}
+        names = [n for n in os.listdir(self.data_dir) if n not in filed]
+        return [n for n in names if read_trailer(self.data_path(n)) is not None]
 
     def _intact_or_rebuilt(self, qid: str) -> bool:
         """True when the incoming envelope parses or was rebuilt from the data file's
@@ -321,7 +346,7 @@ class QueueStore:
         found: dict[str, list[str]] = {}
         seen: dict[str, str] = {}
         for state in STATES:
-            found[state] = self.list_ids(state)
+            found[state] = sorted(self._filed(state))
             if state == INCOMING:
                 found[state] = [qid for qid in found[state] if self._intact_or_rebuilt(qid)]
             for qid in found[state]:

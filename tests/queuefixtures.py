@@ -24,7 +24,7 @@ from mailplat.queue import QueueManager
 from mailplat.replies import Reply
 from mailplat.schedule import RetrySchedule
 from mailplat.spool import Spool
-from mailplat.store import INCOMING, QueueStore
+from mailplat.store import INCOMING, QueueStore, envelope_trailer
 from mailplat.testing import RecordingAgent, StaticRouter, run_synchronously
 
 DATA = b"Subject: test\r\nMessage-ID: <m1@example.org>\r\n\r\nhello\r\n"
@@ -103,20 +103,23 @@ class QueueTestCase(SynchronousTestCase):
     def put(self, where: str, *addresses: str, sender: str = SENDER, data: bytes = DATA,
             envelope_fields: dict[str, Any] | None = None, **recipient_fields: Any) -> Envelope:
         """Store a message with data in queue state ``where``, as the spool (or a crash)
-        left it."""
+        left it: INCOMING is an unfiled message (data and trailer, as committed), the other
+        states have their envelope file."""
         qid = self.store.new_queue_id()
-        with self.store.open_data_for_write(qid) as f:
-            f.write(data)
         recipients = tuple(Recipient(a, **recipient_fields) for a in addresses)
+        fields = {"data_length": len(data), **(envelope_fields or {})}
         env = Envelope(qid, sender, recipients, received_at=self.clock.seconds(),
-                       size=len(data), **(envelope_fields or {}))
-        self.successResultOf(self.store.write_envelope(env, where))
+                       size=len(data), **fields)
+        with self.store.open_data_for_write(qid) as f:
+            f.write(data + envelope_trailer(env) if where == INCOMING else data)
+        if where != INCOMING:
+            self.successResultOf(self.store.write_envelope(env, where))
         return env
 
     def submit(self, *addresses: str, **kwargs: Any) -> Envelope:
-        env = self.put(INCOMING, *addresses, **kwargs)
         if not self.queue.running:
-            self.queue.startService()
+            self.queue.startService()  # first: its recovery would take the message itself
+        env = self.put(INCOMING, *addresses, **kwargs)
         self.successResultOf(self.queue.submit(env))
         return env
 

@@ -4,6 +4,7 @@ plugin and the ``lmtp`` option of a domain."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
@@ -27,7 +28,7 @@ from mailplat.queue import StoredMessage
 from mailplat.replies import Reply
 from mailplat.routing import LocalRouter
 from mailplat.session import ESMTPSession, SessionSettings
-from mailplat.store import INCOMING, QueueStore
+from mailplat.store import QueueStore, envelope_trailer
 from mailplat.testing import RecordingAgent, StaticRouter, run_synchronously
 from tests.support import ScriptedPolicy
 
@@ -214,10 +215,11 @@ class QueueOutcomeTests(AgentTestCase):
         router = StaticRouter({"@example.org": Route("lmtp", DEST, "")})
         queue = QueueManager(self.queue_store, _MailboxIsAddress(router),
                              {"lmtp": self.agent}, self.clock, notifier=_NoDSN())  # type: ignore[arg-type]
-        message = self.message("ok@example.org", "full@example.org", "gone@example.org")
-        envelope = message.envelope
-        self.successResultOf(self.queue_store.write_envelope(envelope, INCOMING))
         queue.startService()
+        message = self.message("ok@example.org", "full@example.org", "gone@example.org")
+        envelope = replace(message.envelope, data_length=message.envelope.size)
+        with open(message.path, "ab") as f:  # committed as the spool does: the trailer
+            f.write(envelope_trailer(envelope))
         self.addCleanup(queue.stopService)
         attempt = queue.submit(envelope)
         self.servers.flush()

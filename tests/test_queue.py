@@ -53,6 +53,18 @@ class DeliveryTests(QueueTestCase):
         self.assertEqual(len(c.history), 1)
         self.assertEqual(self.notifier.sent, [(env.queue_id, "failed", ["d@example.com"])])
 
+    def test_first_attempt_needs_no_envelope_file(self) -> None:
+        """A committed message is tried from its data file alone: delivered, only that file
+        goes; deferred, its envelope is filed into deferred/ and nowhere else."""
+        done = self.submit("b@example.com")
+        self.assertFalse(os.path.exists(self.store.data_path(done.queue_id)))
+        self.agent.replies = {"c@example.com": LATER}
+        later = self.submit("c@example.com")
+        states = {state: os.listdir(self.store.state_dir(state))
+                  for state in (INCOMING, ACTIVE, DEFERRED_DIR, HOLD)}
+        self.assertEqual(states, {INCOMING: [], ACTIVE: [], DEFERRED_DIR: [f"{later.queue_id}.json"],
+                                  HOLD: []})
+
     def test_only_deferred_recipient_retried_after_retry_delay(self) -> None:
         """The retry waits retry_delay and goes only to the recipient that got 4xx."""
         self.agent.replies = {"c@example.com": LATER}

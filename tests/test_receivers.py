@@ -90,9 +90,9 @@ class ReceiverDaemonTests(TestCase):
                             size=len(MESSAGE), data_length=len(MESSAGE))
         with store.open_data_for_write(qid) as f:
             f.write(MESSAGE + envelope_trailer(envelope))
-        store.create_envelope(envelope, INCOMING)
         old = time.time() - 60
-        os.utime(store.envelope_path(qid, INCOMING), (old, old))
+        os.utime(store.data_path(qid), (old, old))
+        self.assertEqual(store.list_ids(INCOMING), [qid])
         os.kill(self.wait_up(1), signal.SIGKILL)
         [path] = wait_for_files(self.daemon.maildir("rose"), 1)
         with open(path, "rb") as f:

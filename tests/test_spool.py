@@ -100,9 +100,8 @@ class CommitTests(SpoolTestMixin, SynchronousTestCase):
         return synced
 
     def test_250_only_after_data_envelope_and_directories_are_durable(self) -> None:
-        """The reply waits for the data fsync (the envelope is its trailer), then the
-        envelope's copy in incoming/, then the dir sync; a lone commit does all three in one
-        thread hop."""
+        """The reply waits for the data fsync (the envelope is its trailer), then the dir
+        sync; a lone commit does both in one thread hop. No other file is written."""
         synced = self.record_fsyncs()
         message = self.spool.begin(SESSION, transaction())
         message.write(b"Subject: hi\r\n\r\nbody\r\n")
@@ -112,8 +111,9 @@ class CommitTests(SpoolTestMixin, SynchronousTestCase):
         self.threads.run_next()
         path = os.path.abspath
         self.assertEqual(synced[0], path(self.store.data_path(message.queue_id)))
-        self.assertEqual(synced[1:], [path(self.store.state_dir(INCOMING)), path(self.store.data_dir)])
+        self.assertEqual(synced[1:], [path(self.store.data_dir)])
         self.assertEqual(self.store.list_ids(INCOMING), [message.queue_id])
+        self.assertEqual(os.listdir(self.store.state_dir(INCOMING)), [])  # unfiled
         [reply] = self.successResultOf(d)
         self.assertEqual((reply.code, reply.status), (250, "2.0.0"))
         self.assertEqual(reply.text, f"Ok: queued as {message.queue_id}")
@@ -126,11 +126,11 @@ class CommitTests(SpoolTestMixin, SynchronousTestCase):
         d = message.finish(transaction())
         self.threads.run_next()  # the first, alone: its own directory sync
         self.successResultOf(first)
-        self.threads.run_next()  # the second: data and envelope only
+        self.threads.run_next()  # the second: its data file only
         self.assertIn(message.queue_id, self.store.list_ids(INCOMING))
         self.assertNoResult(d)
         _, args, _ = self.threads.calls[0]  # the directory sync round
-        self.assertEqual(set(args[0]), {self.store.state_dir(INCOMING), self.store.data_dir})
+        self.assertEqual(set(args[0]), {self.store.data_dir})
         self.threads.run_next()
         self.assertEqual(self.successResultOf(d)[0].code, 250)
 
@@ -270,12 +270,12 @@ class FailureTests(SpoolTestMixin, SynchronousTestCase):
         self.flushLoggedErrors(OSError)
 
     def test_envelope_write_failure_451(self) -> None:
-        """If the envelope cannot be written, the client gets 451, never 250."""
-        def broken(envelope: Envelope, state: str, sync: bool = True) -> None:
+        """If the envelope (the trailer) cannot be written, the client gets 451, never 250."""
+        def broken(envelope: Envelope) -> bytes:
             raise OSError(errno.EIO, "Input/output error")
 
         message = self.spool.begin(SESSION, transaction())
-        self.patch(self.store, "create_envelope", broken)
+        self.patch(mailplat.spool, "envelope_trailer", broken)
         self.assertEqual(self.successResultOf(message.finish(transaction())), [LOCAL_ERROR])
         self.assertNothingQueued()
         self.flushLoggedErrors(OSError)
@@ -300,7 +300,7 @@ class FailureTests(SpoolTestMixin, SynchronousTestCase):
             raise OSError(errno.EIO, "Input/output error")
 
         message = self.spool.begin(SESSION, transaction())
-        self.patch(self.store, "create_envelope", broken)
+        self.patch(mailplat.spool, "envelope_trailer", broken)
         self.patch(self.store, "remove", broken)
         self.assertEqual(self.successResultOf(message.finish(transaction())), [LOCAL_ERROR])
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)

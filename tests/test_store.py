@@ -285,6 +285,31 @@ class QueueStoreTests(SynchronousTestCase):
         self.assertEqual(self.store.recover()[INCOMING], [])
         self.assertEqual(os.listdir(self.store.data_dir), [])
 
+    def test_unfiled_message_is_incoming_through_its_trailer(self) -> None:
+        """A committed message without an envelope file: read, listed and found in state
+        incoming; a data file still being received (no trailer) is none of these."""
+        env = self.committed("U1")
+        with self.store.open_data_for_write("RX") as f:
+            f.write(b"Subject: still arriving\r\n")
+        self.assertEqual(self.store.read_envelope("U1"), (INCOMING, env))
+        self.assertEqual(self.store.state_of("U1"), INCOMING)
+        self.assertEqual(self.store.list_ids(INCOMING), ["U1"])
+        self.assertIsNone(self.store.state_of("RX"))
+        self.assertRaises(FileNotFoundError, self.store.read_envelope, "RX")
+
+    def test_moving_an_unfiled_message_files_its_envelope(self) -> None:
+        env = self.committed("U1")
+        self.store.move("U1", INCOMING, HOLD)
+        self.assertEqual(self.store.read_envelope("U1"), (HOLD, env))
+        self.assertEqual(self.store.list_ids(INCOMING), [])
+        self.assertRaises(FileNotFoundError, self.store.move, "NONE", INCOMING, HOLD)
+
+    def test_remove_unfiled_takes_only_the_data(self) -> None:
+        self.committed("U1")
+        self.store.remove("U1", INCOMING, filed=False)
+        self.assertEqual(os.listdir(self.store.data_dir), [])
+        self.assertIsNone(self.store.state_of("U1"))
+
     def test_recover_keeps_later_state_of_duplicate(self) -> None:
         """A message found in two state directories is kept only in the later state."""
         self.successResultOf(self.store.write_envelope(envelope("A1"), ACTIVE))
