@@ -46,8 +46,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--baseline", metavar="DIR", default=None, help="also run the mailplat "
                         "of another checkout (e.g. a git worktree of the previous release), "
                         "alternately, as server \"baseline\": before/after in one run")
-    parser.add_argument("--receivers", default="auto",
-                        help="mailplat's receiver processes (config key receivers): a number, or "
+    parser.add_argument("--receivers", default="0",
+                        help="mailplat's receiver processes (config key receivers; default 0, as the daemon): a number, or "
                         "auto = one per CPU beyond the first (default)")
     parser.add_argument("--baseline-receivers", type=int, default=0,
                         help="the same for --baseline (an older checkout may not know the key)")

@@ -31,7 +31,7 @@ class DataFilePool:
 
     def __init__(
         self, store: QueueStore, runInThread: RunInThread, reactor: Any,
-        batch: int = 8, max_age: float = 2.0,
+        batch: int = 32, max_age: float = 2.0,
     ) -> None:
         self.store = store
         self.reactor = reactor
