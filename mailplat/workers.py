@@ -23,9 +23,12 @@ T = TypeVar("T")
 # runInThread(f, *args) -> Deferred firing with f(*args) computed off the reactor thread.
 RunInThread = Callable[..., "Deferred[Any]"]
 
-# Two per pool: enough fsyncs in flight to share journal commits; with four, the threads' GIL
-# hand-offs (futex wakes, context switches) cost more than the extra overlap gained.
+# Two for the sessions' commits: enough fsyncs in flight to share journal commits; with four,
+# the threads' GIL hand-offs (futex wakes, context switches) cost more than the overlap gained.
+# Four for deliveries, whose Maildir fsyncs wait behind the commits' journal work: with two,
+# delivery fell behind acceptance under 50 sessions (docs/performance.rst).
 POOL_SIZE = 2
+POOL_SIZES = {"delivery": 4}
 
 
 class _Workers:
@@ -67,7 +70,7 @@ _pools: dict[str, _Workers] = {}
 
 def _shared_pool(name: str) -> _Workers:
     if name not in _pools:
-        _pools[name] = _Workers(name, POOL_SIZE)
+        _pools[name] = _Workers(name, POOL_SIZES.get(name, POOL_SIZE))
     return _pools[name]
 
 
