@@ -42,9 +42,15 @@ class _Workers:
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self._waiting = 0  # jobs put and not yet taken by a worker
 
     def submit(self, job: tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any], Any]) -> None:
-        if len(self._threads) < self.size:
+        # A thread more only when jobs wait for every thread there is: a light load keeps
+        # one or two threads (fewer GIL hand-offs), a backlog grows the pool to its size.
+        with self._lock:
+            self._waiting += 1
+            grow = self._waiting > len(self._threads) and len(self._threads) < self.size
+        if grow:
             self._start_thread()
         self._jobs.put(job)
 
@@ -61,6 +67,8 @@ class _Workers:
     def _work(self) -> None:
         for _ in iter(int, 1):  # for the life of the process
             f, args, d, reactor = self._jobs.get()
+            with self._lock:
+                self._waiting -= 1
             result = _capture(f, args)
             reactor.callFromThread(_fire, d, result)
 
