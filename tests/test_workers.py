@@ -67,3 +67,39 @@ class ThreadRunnerTests(TestCase):
         with self.assertRaises(OSError) as caught:
             await run(fail, errno.ENOSPC)
         self.assertEqual(caught.exception.errno, errno.ENOSPC)
+
+
+class PoolGrowthTests(SynchronousTestCase):
+    """Threads are added only while jobs wait for every thread there is."""
+
+    class Reactor:
+        def callFromThread(self, f: object, *args: object) -> None:
+            pass  # results are not looked at here
+
+    def test_one_job_at_a_time_keeps_one_thread(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        from mailplat.workers import _Workers
+
+        workers = _Workers("test-light", 4)
+        for _ in range(20):
+            done = threading.Event()
+            workers.submit((done.set, (), Deferred(), self.Reactor()))
+            self.assertTrue(done.wait(5))
+            for _ in range(500):  # the worker counts the job as taken just after get()
+                if workers._waiting == 0:
+                    break
+                threading.Event().wait(0.001)
+        self.assertEqual(len(workers._threads), 1)
+
+    def test_a_backlog_grows_the_pool_to_its_size(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        from mailplat.workers import _Workers
+
+        workers = _Workers("test-backlog", 4)
+        release = threading.Event()
+        self.addCleanup(release.set)
+        for _ in range(10):
+            workers.submit((release.wait, (5,), Deferred(), self.Reactor()))
+        self.assertEqual(len(workers._threads), 4)
