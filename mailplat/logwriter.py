@@ -5,7 +5,8 @@ logs: the reactor. While the queue's fsyncs keep the filesystem journal busy, su
 can wait for the journal, and the whole server waits with it (a fifth of the reactor's time
 in the 8-session benchmark, docs/performance.rst). ``offload_log_files`` leaves the observer
 and its format alone and only gives it a file whose ``write`` queues the text for a writer
-thread; lines keep their order, and ``close`` (at shutdown) writes what is left. The
+thread; lines keep their order, and ``close`` (at shutdown) writes what is left. A daemon
+killed outright (SIGKILL) can lose the last few milliseconds of lines, never mail. The
 timestamp of twistd's default format, which Twisted computes with a timezone lookup for every
 line, is computed once per second (``SecondCache``): the same text, a twentieth of the work.
 """
@@ -19,7 +20,7 @@ from typing import Any
 from twisted.logger import formatEventAsClassicLogText, formatTime, globalLogPublisher
 
 
-GATHER_SECONDS = 0.05  # under load, lines reach the file at most this late
+GATHER_SECONDS = 0.01  # under load, lines reach the file at most this late
 FLUSH_LINES = 512  # ... or as soon as this many are waiting
 
 

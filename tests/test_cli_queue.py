@@ -219,7 +219,8 @@ class DaemonTests(SynchronousTestCase):
         fields = report.get_payload()[1].get_payload()[1]
         self.assertEqual((fields["Final-Recipient"], fields["Action"], fields["Status"]),
                          ("rfc822; dave@localhost", "failed", "5.0.0"))
-        self.assertIn(f"{bounced}: sender non-delivery notification: ", self.daemon.log())
+        notice = f"{bounced}: sender non-delivery notification: "
+        wait_until(lambda: notice in self.daemon.log(), 10, "the notification logged")
 
         self.block("erin")
         doomed = self.send("erin@localhost")

@@ -126,5 +126,6 @@ class RestartTests(SynchronousTestCase):
         daemon.wait_queue_empty()
         [path] = wait_for_files(daemon.maildir("pat"), 1)
         self.assertEqual(delivered_body(path), message)
-        sent = re.findall(r"to=<pat@localhost>, agent=maildir, delay=\S+ status=sent", daemon.log())
-        self.assertEqual(len(sent), 1)
+        pattern = r"to=<pat@localhost>, agent=maildir, delay=\S+ status=sent"
+        wait_until(lambda: re.search(pattern, daemon.log()), 10, "the delivery logged")
+        self.assertEqual(len(re.findall(pattern, daemon.log())), 1)

@@ -92,6 +92,9 @@ class SwaksTests(SynchronousTestCase):
         for count, (mechanism, password) in enumerate(passwords.items(), 1):
             marker = self.swaks(daemon, port, tls, mechanism, password)
             self.assertIn(b" with ESMTPSA id ", delivered(self, daemon, marker, count))
+        cram_line = f"authenticated as {USER} with CRAM-MD5"
+        # Log lines reach the file from a writer thread: wait (bounded) for the last one.
+        wait_until(lambda: cram_line in daemon.log() or None, 10.0, "the CRAM-MD5 login logged")
         log = daemon.log()
         for secret_text in (PASSWORD, base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode(),
                             base64.b64encode(PASSWORD.encode()).decode(), secret.decode()):

@@ -97,7 +97,8 @@ class ReceiverDaemonTests(TestCase):
         [path] = wait_for_files(self.daemon.maildir("rose"), 1)
         with open(path, "rb") as f:
             self.assertEqual(f.read(), MESSAGE)  # written here, so without a Received: field
-        self.assertIn(f"{qid}: committed by a receiver that ended; queued now", self.daemon.log())
+        swept = f"{qid}: committed by a receiver that ended; queued now"
+        wait_until(lambda: swept in self.daemon.log(), 10, "the sweep logged")
 
     def test_etrn_is_answered_by_the_main_process(self) -> None:
         """ETRN reaches the receiver, which asks the queue's process (RFC 1985 replies)."""
