@@ -59,10 +59,9 @@ def needs_directory_sync(path: str, setting: bool | str = AUTO) -> bool:
 
     ``setting`` is the operator's ``sync_directories``: true, false or "auto" (decided by the
     filesystem type, looked up once per path)."""
-    if setting is not AUTO and setting != AUTO:
+    if setting != AUTO:
         return bool(setting)
-    with _lock:
-        fstype = _cache.get(path)
+    fstype = _cache.get(path)  # a dict read needs no lock; only the writes are serialized
     if fstype is None:
         fstype = filesystem_type(path)
         with _lock:

@@ -173,15 +173,14 @@ def offload_log_files(publisher: Any = globalLogPublisher) -> list[BackgroundWri
 
 def restore(publisher: Any, writers: list[BackgroundWriter]) -> None:
     """Write out what is queued and give the observers their files back."""
-    for observer in list(getattr(publisher, "_observers", ())):
-        writer = getattr(observer, "_outFile", None)
-        if writer in writers:
-            writer.close()
-            observer._outFile = writer.target
-            if writer.original_format is not None:
-                observer.formatEvent = writer.original_format
     for writer in writers:
-        writer.close()
+        writer.close()  # from now on it writes in place, in the caller's thread
+    for observer in list(getattr(publisher, "_observers", ())):
+        ours: Any = getattr(observer, "_outFile", None)
+        if ours in writers:
+            observer._outFile = ours.target
+            if ours.original_format is not None:
+                observer.formatEvent = ours.original_format
 
 
 __all__ = ["BackgroundWriter", "SecondCache", "offload_log_files", "restore"]

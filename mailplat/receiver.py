@@ -17,7 +17,6 @@ import sys
 from itertools import count
 from typing import Any
 
-from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.stdio import StandardIO
@@ -25,17 +24,10 @@ from twisted.logger import Logger, eventAsText, globalLogBeginner
 from twisted.protocols.basic import LineOnlyReceiver
 
 from mailplat.config import Config, load_config
-from mailplat.datafiles import DataFilePool
-from mailplat.dns import make_resolver
 from mailplat.envelope import Envelope
-from mailplat.groupsync import GroupSyncer, thread_runner
 from mailplat.listeners import build_factory
-from mailplat.odmr_hold import odmr_router
 from mailplat.replies import Reply
-from mailplat.routeconfig import outbound_settings
-from mailplat.routing import LocalRouter
-from mailplat.spool import Spool
-from mailplat.store import QueueStore
+from mailplat.server import ReceptionService
 
 log = Logger()
 
@@ -88,32 +80,17 @@ class ParentLink(LineOnlyReceiver):
             pass  # already stopping (TERM)
 
 
-class ReceiverServer(MultiService):
-    """What the handed-over listeners need: the same parts as the daemon's, minus the queue.
+class ReceiverServer(ReceptionService):
+    """What the handed-over listeners need: the daemon's reception parts, without its queue.
 
     ``agents`` is empty and ``queue`` None: the relay listener's ETRN goes to ``etrn_desk``.
     """
 
     def __init__(self, config: Config, reactor: Any, link: ParentLink) -> None:
-        from mailplat.server import reception_policy
-
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.config = config
+        super().__init__(config, reactor, link.committed)
         self.agents: dict[str, Any] = {}
         self.queue = None
         self.etrn_desk = link
-        self.syncer = GroupSyncer(reactor)
-        self.store = QueueStore(config.queue_dir, syncer=self.syncer,
-                                sync_directories=config.sync_directories)
-        self.data_files = DataFilePool(self.store, thread_runner(reactor), reactor)
-        self.spool = Spool(self.store, self.syncer, link.committed, reactor,
-                           data_files=self.data_files)
-        self.router = odmr_router(config, LocalRouter(config))
-        settings = outbound_settings(config)
-        self.resolver = make_resolver(settings.nameservers, reactor, settings.dns_timeout)
-        self.plugins, self.policy = reception_policy(self, config, reactor, self.router,
-                                                     self.resolver)
-        self.listeners: dict[str, Any] = {}
 
 
 def _log_to_stderr(event: Any) -> None:

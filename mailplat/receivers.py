@@ -30,7 +30,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
@@ -218,8 +218,6 @@ class Receivers(Service):
         for child in list(self.children):
             waits.append(child.ended)
             child.stop()
-        from twisted.internet.defer import DeferredList
-
         return DeferredList(waits).addCallback(lambda _: None)
 
 

@@ -62,29 +62,42 @@ def reception_policy(
     return plugins, policy
 
 
-class MailServer(MultiService):
-    """The top service; keeps references to the shared parts for tests and the CLI."""
+class ReceptionService(MultiService):
+    """The parts every process that takes SMTP sessions has, built alike from the config: the
+    queue store and a spool into it, the router, the [dns] resolver, the policy chain. The
+    main process (MailServer) adds the queue and the agents; a receiver process
+    (mailplat.receiver) hands its commits to the main one instead."""
 
-    def __init__(self, config: Config, reactor: Any, offload_logs: bool = False) -> None:
+    def __init__(self, config: Config, reactor: Any, on_commit: Any) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
-        # Under twistd: log file writes go to a thread (logwriter.py), not the reactor's.
-        self.offload_logs = offload_logs
-        self._log_writers: list[BackgroundWriter] = []
         os.makedirs(config.data_dir, exist_ok=True)
         self.syncer = GroupSyncer(reactor)
         self.store = QueueStore(config.queue_dir, syncer=self.syncer,
                                 sync_directories=config.sync_directories)
         # ODMR domains ([odmr.domains]) go to the hold; everything else as LocalRouter says.
         self.router = odmr_router(config, LocalRouter(config))
-        # Built before the queue so that agents which put mail back into it (list expansion)
-        # get the one spool; commits reach the queue once it exists.
         self.data_files = DataFilePool(self.store, thread_runner(reactor), reactor)
-        self.spool = Spool(self.store, self.syncer, lambda e: self.queue.submit(e), reactor,
+        self.spool = Spool(self.store, self.syncer, on_commit, reactor,
                            data_files=self.data_files)
         # One DNS resolver ([dns]) for MX lookups and for the policy plugins alike.
         settings = outbound_settings(config)
         self.resolver = make_resolver(settings.nameservers, reactor, settings.dns_timeout)
+        self.plugins, self.policy = reception_policy(self, config, reactor, self.router,
+                                                     self.resolver)
+        self.listeners: dict[str, Any] = {}
+
+
+class MailServer(ReceptionService):
+    """The top service; keeps references to the shared parts for tests and the CLI."""
+
+    def __init__(self, config: Config, reactor: Any, offload_logs: bool = False) -> None:
+        # The spool exists before the queue, so that agents which put mail back into it
+        # (list expansion) get the one spool; commits reach the queue once it exists.
+        super().__init__(config, reactor, self._submit)
+        # Under twistd: log file writes go to a thread (logwriter.py), not the reactor's.
+        self.offload_logs = offload_logs
+        self._log_writers: list[BackgroundWriter] = []
         agent_context = AgentContext(
             reactor=reactor, hostname=config.hostname, config=config, router=self.router,
             sink=self.spool, resolver=self.resolver,
@@ -96,10 +109,7 @@ class MailServer(MultiService):
             schedule=config.retry_schedule, limits=config.concurrency,
         )
         self.queue.setServiceParent(self)  # type: ignore[no-untyped-call]
-        self.plugins, self.policy = reception_policy(self, config, reactor, self.router,
-                                                     self.resolver)
         self.queue.observers.extend(observers(self.plugins))
-        self.listeners: dict[str, Any] = {}
         for listener in config.listeners:
             factory = build_factory(listener, self, reactor)
             service = strports.service(listener.endpoint, factory, reactor=reactor)
@@ -116,6 +126,10 @@ class MailServer(MultiService):
         if config.receivers:  # more processes for the sessions (receivers.py)
             receivers = Receivers(self, config.receivers, reactor)
             receivers.setServiceParent(self)  # type: ignore[no-untyped-call]
+
+    def _submit(self, envelope: Any) -> Any:
+        """The spool's on_commit: the queue takes each committed message."""
+        return self.queue.submit(envelope)
 
     def privilegedStartService(self) -> None:
         """Bind (as root, if started so), then hand the data dir's contents to its owner

@@ -205,17 +205,14 @@ class IncomingMessage(SpooledMessage):
         thread hop; where the filesystem needs it, one shared round then syncs data/."""
         spool, store = self._spool, self._spool.store
         envelope = self.envelope()
-        if not store.sync_directories:
-            await spool.runInThread(_store_files, self._data, envelope, [])
-            return envelope
-        dirs = [store.data_dir]
-        # A lone commit syncs the directories in its own hop: there is nobody to share a
-        # round with, and a second hop would only add latency. Concurrent ones share rounds.
+        dirs = [store.data_dir] if store.sync_directories else []
+        # A lone commit syncs the directory in its own hop: there is nobody to share a round
+        # with, and a second hop would only add latency. Concurrent ones share rounds.
         alone = spool.committing == 0
         spool.committing += 1
         try:
             await spool.runInThread(_store_files, self._data, envelope, dirs if alone else [])
-            if not alone:
+            if dirs and not alone:
                 await spool.syncer.sync_dirs(dirs)
         finally:
             spool.committing -= 1

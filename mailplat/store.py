@@ -195,29 +195,6 @@ class QueueStore:
             d.addCallback(lambda _: self.syncer.sync_dirs(dirs))
         return d
 
-    def create_envelope(self, envelope: Envelope, state: str, sync: bool = True) -> None:
-        """Blocking: write a new message's envelope straight into ``state`` (fsync'd unless
-        ``sync`` is false); the caller then fsyncs the directory if it must.
-
-        The spool's commit is on every client's critical path: it passes ``sync=False``, as
-        the data file's trailer, fsync'd just before, is the durable copy. A crash while
-        writing can only leave a torn file, which ``recover`` rebuilds from the trailer (or
-        deletes, with its data, when the message was never committed). Envelopes that already
-        exist are always replaced by rename (``write_envelope``).
-        """
-        path = self.envelope_path(envelope.queue_id, state)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            try:
-                _write_all(fd, envelope.to_json())
-                if sync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-        except BaseException:
-            _unlink_quietly(path)
-            raise
-
     def _write_envelope_file(self, envelope: Envelope, state: str) -> None:
         """Blocking part of write_envelope: tmp file, fsync, atomic rename."""
         tmp = os.path.join(self.tmp_dir, f"{envelope.queue_id}.{threading.get_ident()}")

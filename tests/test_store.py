@@ -215,21 +215,13 @@ class QueueStoreTests(SynchronousTestCase):
         self.assertEqual(env.to_json(), json.dumps(asdict(env), separators=(",", ":")).encode())
         self.assertEqual(Envelope.from_json(env.to_json()), env)
 
-    def test_create_envelope_in_place_and_exclusively(self) -> None:
-        """A new envelope is written straight into its state, and never over another one."""
-        self.store.create_envelope(envelope("N1", "b@example.com"), INCOMING)
-        self.assertEqual(self.store.read_envelope("N1"), (INCOMING, envelope("N1", "b@example.com")))
-        self.assertEqual(os.listdir(self.store.tmp_dir), [])
-        self.assertRaises(FileExistsError, self.store.create_envelope, envelope("N1"), INCOMING)
-        self.assertEqual(self.store.read_envelope("N1")[1].recipients[0].address, "b@example.com")
-
     def test_recover_drops_torn_incoming_envelope(self) -> None:
         """An incoming envelope cut short by a crash (never acknowledged) is deleted with its
         data at recovery; an intact one stays."""
         for qid in ("T1", "OK"):
             with self.store.open_data_for_write(qid) as f:
                 f.write(b"data")
-        self.store.create_envelope(envelope("OK"), INCOMING)
+        self.successResultOf(self.store.write_envelope(envelope("OK"), INCOMING))
         with open(self.store.envelope_path("T1", INCOMING), "wb") as f:
             f.write(envelope("T1").to_json()[:40])
         found = self.store.recover()
