@@ -238,3 +238,4 @@ class AgentContext:
     router: Any = None
     sink: Any = None
     resolver: Any = None
+    run_blocking: Any = None  # runs f(*args) off the reactor (the disk helper), or None

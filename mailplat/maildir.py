@@ -242,23 +242,27 @@ class MaildirAgent:
     def deliver(
         self, message: IStoredMessage, recipients: list[tuple[Recipient, Route]]
     ) -> "Deferred[dict[str, Reply]]":
-        """All recipients in one thread call: one thread hop per message, not per recipient."""
-        return self._run(self._deliver_all, message, list(recipients))
+        """All recipients in one blocking call: one hop per message, not per recipient."""
+        return self._run(deliver_all, message, list(recipients), self.hostname,
+                         self.sync_directories)
 
-    def _deliver_all(
-        self, message: IStoredMessage, recipients: list[tuple[Recipient, Route]]
-    ) -> dict[str, Reply]:
-        """Blocking. Two recipients routed to the same maildir get the message once."""
-        one = _OneMessage(message, self.hostname, self.sync_directories)
-        by_maildir: dict[str, Reply] = {}
-        replies: dict[str, Reply] = {}
-        for recipient, route in recipients:
-            maildir = route.destination
-            if maildir not in by_maildir:
-                try:
-                    one.deliver(maildir)
-                    by_maildir[maildir] = DELIVERED
-                except OSError as e:
-                    by_maildir[maildir] = reply_for(e)
-            replies[recipient.address] = by_maildir[maildir]
-        return replies
+
+def deliver_all(
+    message: IStoredMessage, recipients: list[tuple[Recipient, Route]], hostname: str,
+    sync_directories: bool | str = AUTO,
+) -> dict[str, Reply]:
+    """Blocking, and a plain function so that the disk helper process can run it. Two
+    recipients routed to the same maildir get the message once."""
+    one = _OneMessage(message, hostname, sync_directories)
+    by_maildir: dict[str, Reply] = {}
+    replies: dict[str, Reply] = {}
+    for recipient, route in recipients:
+        maildir = route.destination
+        if maildir not in by_maildir:
+            try:
+                one.deliver(maildir)
+                by_maildir[maildir] = DELIVERED
+            except OSError as e:
+                by_maildir[maildir] = reply_for(e)
+        replies[recipient.address] = by_maildir[maildir]
+    return replies

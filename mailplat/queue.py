@@ -38,7 +38,7 @@ from mailplat.queuenotices import QueueNotices, owes_notice
 from mailplat.dispatch import NO_AGENT, call_agent, route_address
 from mailplat.replies import Reply
 from mailplat.schedule import DueQueue, RetrySchedule
-from mailplat.store import ACTIVE, DEFERRED, HOLD, INCOMING, QueueStore, open_data
+from mailplat.store import ACTIVE, DEFERRED, HOLD, INCOMING, QueueStore, open_data, remove_files
 from mailplat.workers import Batcher
 
 log = Logger()
@@ -107,6 +107,7 @@ class QueueManager(QueueCommands, QueueNotices, Service):
         schedule: RetrySchedule | None = None,
         limits: ConcurrencyLimits | None = None,
         notifier: dsn.Notifier | None = None,
+        run_blocking: Any = None,
     ) -> None:
         self.store = store
         self.router = router
@@ -125,8 +126,9 @@ class QueueManager(QueueCommands, QueueNotices, Service):
         self.random = random.Random()
         self.due = DueQueue(reactor, self._start, self._has_room)
         self._busy: set[str] = set()  # queue ids with an attempt in flight
-        # Renames and unlinks of the data path, off the reactor thread and many per hop.
-        self._files = Batcher(store.in_thread)
+        # Unlinks of the data path, off the reactor thread and many per hop (in the disk
+        # helper process when the daemon has one: ``run_blocking``).
+        self._files = Batcher(run_blocking or store.in_thread)
         self._forced: dict[str, frozenset[str]] = {}  # flushed ids -> domains (empty: all)
         self._idle_waiters: dict[str, list[Deferred[None]]] = {}
         self.observers: list[Any] = []  # IQueueObservers (plugins), told about every event
@@ -384,7 +386,7 @@ class QueueManager(QueueCommands, QueueNotices, Service):
         owes = owes_notice(envelope)
         unfiled = state == INCOMING
         if envelope.finished and not owes:
-            await self._files.run(self.store.remove, qid, state, not unfiled)
+            await self._files.run(remove_files, *self.store.removal(qid, state, not unfiled))
             log.info("{qid}: removed", qid=qid)
             return
         if unfiled:

@@ -21,6 +21,7 @@ from mailplat.control import control_service
 from mailplat.dns import make_resolver
 from mailplat.dsn import Notifier
 from mailplat.datafiles import DataFilePool
+from mailplat.diskprocess import DiskProcess
 from mailplat.groupsync import GroupSyncer, thread_runner
 from mailplat.interfaces import AgentContext, IDeliveryAgent, IDeliveryAgentFactory
 from mailplat.listeners import build_factory
@@ -78,8 +79,11 @@ class ReceptionService(MultiService):
         # ODMR domains ([odmr.domains]) go to the hold; everything else as LocalRouter says.
         self.router = odmr_router(config, LocalRouter(config))
         self.data_files = DataFilePool(self.store, thread_runner(reactor), reactor)
+        # Commit fsyncs and Maildir copies run in a helper process (diskprocess.py).
+        self.disk = DiskProcess(reactor)
+        self.disk.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.spool = Spool(self.store, self.syncer, on_commit, reactor,
-                           data_files=self.data_files)
+                           data_files=self.data_files, run_blocking=self.disk.run)
         # One DNS resolver ([dns]) for MX lookups and for the policy plugins alike.
         settings = outbound_settings(config)
         self.resolver = make_resolver(settings.nameservers, reactor, settings.dns_timeout)
@@ -100,13 +104,14 @@ class MailServer(ReceptionService):
         self._log_writers: list[BackgroundWriter] = []
         agent_context = AgentContext(
             reactor=reactor, hostname=config.hostname, config=config, router=self.router,
-            sink=self.spool, resolver=self.resolver,
+            sink=self.spool, resolver=self.resolver, run_blocking=self.disk.run,
         )
         self.agents = load_agents(config, agent_context)
         self.queue = QueueManager(
             self.store, self.router, self.agents, reactor,
             retry_delay=config.retry_delay, max_lifetime=config.max_lifetime,
             schedule=config.retry_schedule, limits=config.concurrency,
+            run_blocking=self.disk.run,
         )
         self.queue.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.queue.observers.extend(observers(self.plugins))

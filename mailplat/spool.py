@@ -46,6 +46,7 @@ class Spool:
         reactor: Any = None,
         runInThread: RunInThread | None = None,
         data_files: DataFilePool | None = None,
+        run_blocking: RunInThread | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -58,6 +59,8 @@ class Spool:
         self.runInThread = runInThread or thread_runner(reactor)
         self.committing = 0  # commits in flight: a lone one needs no shared sync round
         self.data_files = data_files  # files created ahead by a worker (the daemon's spool)
+        # The daemon's disk helper process (diskprocess.py): commits fsync there, by path.
+        self.run_blocking = run_blocking
 
     def begin(self, session: SessionInfo, transaction: Transaction) -> "IncomingMessage":
         """Open the data file of a new message; SpoolError when the disk refuses."""
@@ -211,7 +214,15 @@ class IncomingMessage(SpooledMessage):
         alone = spool.committing == 0
         spool.committing += 1
         try:
-            await spool.runInThread(_store_files, self._data, envelope, dirs if alone else [])
+            if spool.run_blocking is not None:
+                # The bytes reach the page cache here; the helper makes them durable.
+                self._data.write(envelope_trailer(envelope))
+                self._data.close()
+                await spool.run_blocking(sync_file, store.data_path(self.queue_id),
+                                         dirs if alone else [])
+            else:
+                await spool.runInThread(_store_files, self._data, envelope,
+                                        dirs if alone else [])
             if dirs and not alone:
                 await spool.syncer.sync_dirs(dirs)
         finally:
@@ -242,6 +253,17 @@ def _store_files(data: IO[bytes], envelope: Envelope, dirs: list[str]) -> None:
     """Blocking: the data and its trailer made durable, then (when given) the directory."""
     data.write(envelope_trailer(envelope))
     _fsync_and_close(data)
+    fsync_dirs(dirs)
+
+
+def sync_file(path: str, dirs: list[str]) -> None:
+    """Blocking: fsync a file written and closed by another (the reactor, in the daemon's
+    process: fsync makes an inode's data durable whoever wrote it), then the directories."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     fsync_dirs(dirs)
 
 

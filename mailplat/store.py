@@ -262,10 +262,16 @@ class QueueStore:
         """Forget a message: envelope first, then the data. ``state``, when the caller knows
         it, spares the look into every other state directory (unless the envelope is not
         there after all); ``filed=False`` says there is no envelope file at all."""
-        if filed and (state is None or not _unlink_quietly(self.envelope_path(qid, state))):
-            for each in STATES:
-                _unlink_quietly(self.envelope_path(qid, each))
-        _unlink_quietly(self.data_path(qid))
+        remove_files(*self.removal(qid, state, filed))
+
+    def removal(self, qid: str, state: str | None = None,
+                filed: bool = True) -> tuple[str | None, list[str], str]:
+        """``remove``'s arguments for ``remove_files``, which a process without this store
+        (the disk helper) can run: where the envelope should be, where else it may be, the
+        data file."""
+        envelopes = [self.envelope_path(qid, each) for each in STATES] if filed else []
+        expected = self.envelope_path(qid, state) if filed and state is not None else None
+        return expected, envelopes, self.data_path(qid)
 
     def discard_data(self, qid: str) -> None:
         """Delete a data file that never got an envelope (and never will)."""
@@ -348,6 +354,15 @@ def _parses(path: str) -> bool:
         return True
     except (ValueError, TypeError, KeyError, AttributeError):
         return False
+
+
+def remove_files(expected: str | None, envelopes: list[str], data: str) -> None:
+    """Blocking: unlink the envelope where expected (or, not there, wherever it is among
+    ``envelopes``), then the data file; what is already gone is no error."""
+    if expected is None or not _unlink_quietly(expected):
+        for path in envelopes:
+            _unlink_quietly(path)
+    _unlink_quietly(data)
 
 
 def _unlink_quietly(path: str) -> bool:

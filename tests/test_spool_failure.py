@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import smtplib
+from functools import partial
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred
@@ -18,6 +19,15 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import mailplat.spool
 from tests.daemon import HOST, Daemon, delivered_body, wait_for_files, wait_until
+
+
+def sync_failing_message_2(code: int, path: str, dirs: list[str]) -> None:
+    """``spool.sync_file``, failing with ``code`` for message 2 only. It runs in the disk
+    helper process, which cannot see the test's state: the file says which message it is."""
+    with open(path, "rb") as data:
+        if b"Message-Id: <spool-2@localhost>" in data.read():
+            raise OSError(code, os.strerror(code))
+    mailplat.spool.sync_file(path, dirs)
 
 
 def message(n: int) -> bytes:
@@ -160,13 +170,13 @@ class DiskFullTests(TestCase):
 
     def test_disk_full_at_commit(self) -> None:
         """fsync of the data file fails with ENOSPC: the end of data gets 452 4.3.1."""
-        self.patch(mailplat.spool, "_fsync_and_close", self.failing_fsync(errno.ENOSPC))
+        self.fail_commit_of_message_2(errno.ENOSPC)
         d = self.session((452, b"4.3.1 Insufficient system storage, try again later"), False)
         return d.addCallback(self.commit_failure_logged)
 
     def test_io_error_at_commit(self) -> None:
         """fsync fails with EIO: the end of data gets 451 4.3.0 (not 5xx: the client retries)."""
-        self.patch(mailplat.spool, "_fsync_and_close", self.failing_fsync(errno.EIO))
+        self.fail_commit_of_message_2(errno.EIO)
         d = self.session((451, b"4.3.0 Local error in processing, try again later"), False)
         return d.addCallback(self.commit_failure_logged)
 
@@ -174,12 +184,8 @@ class DiskFullTests(TestCase):
         """The spool logs the failed commit (with its traceback) exactly once."""
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
-    def failing_fsync(self, code: int) -> Any:
-        real = mailplat.spool._fsync_and_close
-
-        def fsync(data: IO[bytes]) -> None:
-            real(data)
-            if self.full:
-                raise OSError(code, os.strerror(code))
-
-        return fsync
+    def fail_commit_of_message_2(self, code: int) -> None:
+        """The daemon's commits fsync in its disk helper process: the failing stand-in must
+        be a function that process can import, and it reads which message it has."""
+        self.assertTrue(self.server.disk.running)
+        self.patch(mailplat.spool, "sync_file", partial(sync_failing_message_2, code))

@@ -25,7 +25,9 @@ class MaildirAgentFactory:
         from mailplat.maildir import MaildirAgent
 
         sync = getattr(context.config, "sync_directories", "auto")  # [queue] sync_directories
-        return MaildirAgent(context.hostname, context.reactor, sync_directories=sync)
+        # The daemon's disk helper process, when it has one (diskprocess.py).
+        return MaildirAgent(context.hostname, context.reactor, context.run_blocking,
+                            sync_directories=sync)
 
 
 maildir = MaildirAgentFactory()
