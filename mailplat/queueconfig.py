@@ -65,6 +65,12 @@ def socket_path_problem(path: str) -> str | None:
     return None
 
 
+# One Maildir takes concurrent deliveries without locks (each its own file in tmp/, then a
+# rename): a mailbox that gets a burst should not wait behind 5 at a time while the disk
+# could sync 20 together. Postfix's virtual agent allows 20 per domain by default.
+LOCAL_DESTINATION_CONCURRENCY = {"maildir": 20}
+
+
 def queue_options(
     table: Mapping[str, Any], check: "_Checker", data_dir: str, first: float, lifetime: float
 ) -> dict[str, Any]:
@@ -83,6 +89,8 @@ def queue_options(
     unset: tuple[int | None, dict[str, int]] = (None, {})
     agent, agents = check.get(table, q, "agent_concurrency", _per_agent, unset)
     destination, destinations = check.get(table, q, "destination_concurrency", _per_agent, unset)
+    if destination is None:  # no number for every agent: the local agents' own defaults
+        destinations = {**LOCAL_DESTINATION_CONCURRENCY, **destinations}
     concurrency = ConcurrencyLimits(
         agent=agent or limits.agent,
         destination=destination or limits.destination,

@@ -22,10 +22,14 @@ def problems(queue: str) -> list[str]:
 class QueueConfigTests(SynchronousTestCase):
     def test_defaults(self) -> None:
         """Without [queue] keys: 5 min backoff doubling to 1 h, 5 days, warning after 4 h,
-        20 calls per agent, 5 per destination, 1 MiB returned in bounces."""
+        20 calls per agent, 5 per destination (20 into one Maildir), 1 MiB returned in
+        bounces."""
         config = parse_config(BASE)
         self.assertEqual(config.retry_schedule, RetrySchedule())
         self.assertEqual((config.concurrency.agent, config.concurrency.destination), (20, 5))
+        limits = config.concurrency
+        self.assertEqual((limits.for_destination("smtp"), limits.for_destination("maildir")),
+                         (5, 20))
         self.assertEqual(config.bounce_size_limit, 1 << 20)
         self.assertTrue(config.control_socket.endswith("/control.sock"))
 
@@ -43,8 +47,18 @@ class QueueConfigTests(SynchronousTestCase):
         limits = config.concurrency
         self.assertEqual((limits.for_agent("smtp"), limits.for_agent("maildir")), (40, 4))
         self.assertEqual((limits.for_destination("smtp"), limits.active), (2, 50))
+        self.assertEqual(limits.for_destination("maildir"), 2)  # one number: every agent
         self.assertEqual(config.bounce_size_limit, 100 << 10)
         self.assertEqual(config.control_socket, "/run/mailplat.sock")
+
+    def test_maildir_destination_from_table(self) -> None:
+        """A table without ``default`` keeps the Maildir's own default; one with it, not."""
+        config = parse_config(BASE + "[queue]\ndestination_concurrency = { smtp = 9 }\n")
+        limits = config.concurrency
+        self.assertEqual([limits.for_destination(a) for a in ("smtp", "lmtp", "maildir")],
+                         [9, 5, 20])
+        config = parse_config(BASE + "[queue]\ndestination_concurrency = { default = 3 }\n")
+        self.assertEqual(config.concurrency.for_destination("maildir"), 3)
 
     def test_mistakes_located(self) -> None:
         """Bad values are reported with their line and key."""
