@@ -144,13 +144,13 @@ def _memory(server: Server) -> dict[str, int]:
 
 def _start_py_spy(server: Server, scenario: Scenario, profile_dir: str | None) -> subprocess.Popen[bytes] | None:
     """Sample the mailplat daemon with py-spy (collapsed stacks) while the scenario runs."""
-    if profile_dir is None or server.tree:
+    if profile_dir is None:
         return None
     os.makedirs(profile_dir, exist_ok=True)
     out = os.path.join(profile_dir, f"{server.name}-{scenario.key}.txt")
     return subprocess.Popen(
         [_py_spy(), "record", "--pid", str(server.root_pid), "--format", "raw", "--rate", "200",
-         "--threads", "--output", out, "--nonblocking"],
+         "--threads", "--subprocesses", "--output", out, "--nonblocking"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from mailplat import replies as R
 from mailplat.datadecoder import ChunkReader, DotDecoder, LineChecker
 from mailplat.envelope import SessionInfo
+from mailplat.fastwrite import write_now
 from mailplat.interfaces import (
     Action, IDisconnectHook, IMessageSink, IPolicy, SpoolError, Verdict,
 )
@@ -94,6 +95,7 @@ class ESMTPSession(TransactionCommands, Protocol):
         self._discarding_line = False
         self._waiting = False
         self._processing = False
+        self._replies: list[bytes] = []  # encoded, not yet written (flush_replies)
         self._closing = False
         self._paused = False
         self._errors = 0
@@ -145,6 +147,7 @@ class ESMTPSession(TransactionCommands, Protocol):
         """End the session but keep the connection, for a protocol that takes it over (ODMR's
         turnaround): input still buffered is dropped, no more replies are written, the timer
         stops and the policies hear of the session's end as if the connection was lost."""
+        self.flush_replies()
         self.discard_buffered_input()
         if self._paused:
             self._paused = False
@@ -153,6 +156,7 @@ class ESMTPSession(TransactionCommands, Protocol):
 
     def close(self) -> None:
         """Stop reading and close after the replies already written are sent."""
+        self.flush_replies()
         self._closing = True
         self._inbuf = b""
         self.connection.loseConnection()
@@ -171,6 +175,7 @@ class ESMTPSession(TransactionCommands, Protocol):
                     break
         finally:
             self._processing = False
+        self.flush_replies()
         self._flow_control()
 
     def _flow_control(self) -> None:
@@ -258,15 +263,27 @@ class ESMTPSession(TransactionCommands, Protocol):
         self._process()
 
     def reply(self, reply: R.Reply | list[R.Reply]) -> None:
+        """Queue the reply; it leaves at the end of the input being processed (pipelined
+        commands' replies together, RFC 2920), or at once when nothing is being processed."""
         if self._closing:
             return
         for one in reply if isinstance(reply, list) else [reply]:
-            self.connection.write(one.encode(enhanced=True))
+            self._replies.append(one.encode(enhanced=True))
             if one.code in (500, 501, 503):
                 self._errors += 1
         if self._errors >= self.settings.max_errors:
-            self.connection.write(R.Reply(421, "4.7.0", "Too many errors, closing").encode())
+            self._replies.append(R.Reply(421, "4.7.0", "Too many errors, closing").encode())
             self.close()
+        elif not self._processing:
+            self.flush_replies()
+
+    def flush_replies(self) -> None:
+        """Send the queued replies: before anything that changes the connection (STARTTLS,
+        close, ODMR's turnaround) and whenever the session waits for input."""
+        if self._replies:
+            data = b"".join(self._replies)
+            self._replies.clear()
+            write_now(self.connection, data)
 
     def verdict_reply(self, verdict: Verdict, default: R.Reply) -> R.Reply:
         """Map a policy verdict to the reply we send; DISCONNECT also closes the session."""

@@ -140,6 +140,7 @@ class SecureSession(ESMTPSession):
         # RFC 3207 §4.2: nothing the client sent before the handshake may count afterwards.
         self.discard_buffered_input()
         self.reply(R.Reply(220, "2.0.0", "Ready to start TLS"))
+        self.flush_replies()  # in the clear, before the handshake
         try:
             cast(Any, self.transport).startTLS(self.security.tls)
         except Exception:
