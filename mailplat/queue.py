@@ -297,6 +297,10 @@ class QueueManager(QueueCommands, QueueNotices, Service):
                 outcomes[index] = Outcome("none", route)
             else:
                 groups.setdefault(route.agent, []).append((index, route))
+        if len(groups) == 1:  # the usual case: one agent, awaited without a gather
+            [(name, pairs)] = groups.items()
+            outcomes.update(await self._run_agent(envelope, name, pairs))
+            return outcomes
         calls = [
             Deferred.fromCoroutine(self._run_agent(envelope, name, pairs))
             for name, pairs in groups.items()
@@ -307,6 +311,8 @@ class QueueManager(QueueCommands, QueueNotices, Service):
 
     async def _route_all(self, envelope: Envelope, indexes: list[int]) -> dict[int, Route | Reply]:
         """Ask the router about every due recipient at once."""
+        if len(indexes) == 1:  # one recipient: no gather needed
+            return {indexes[0]: await self._route_one(envelope, indexes[0])}
         answers = [Deferred.fromCoroutine(self._route_one(envelope, i)) for i in indexes]
         return dict(zip(indexes, await gatherResults(answers)))
 
