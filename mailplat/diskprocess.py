@@ -106,18 +106,26 @@ class DiskProcess(Service):
         if not self.running:
             return
         ours, theirs = socket_pair()
-        self.started += 1
-        self.channel = _Channel(ours, self.reactor)
-        self._process = _HelperProcess(self, self.channel)
+        channel = _Channel(ours, self.reactor)
+        process = _HelperProcess(self, channel)
         try:
             self.reactor.spawnProcess(
-                self._process, self.executable,
+                process, self.executable,
                 [self.executable, "-m", "mailplat.diskprocess"], env=_environment(),
                 childFDs={0: "w", 1: "r", 2: "r", CHANNEL_FD: theirs.fileno()},
             )
+        except OSError as e:
+            # E.g. an interpreter the mail user may not execute (after --uid): the daemon
+            # still works, with its disk work on threads as before the helper existed.
+            log.error("cannot start the disk helper ({error}); disk work stays on threads "
+                      "in the daemon", error=e)
+            channel.close()
+            return
         finally:
             theirs.close()  # the helper has its copy; ours must not keep its end alive
-        self.channel.start()
+        self.started += 1
+        self.channel, self._process = channel, process
+        channel.start()
 
     def helper_ended(self, process: _HelperProcess, reason: Any) -> None:
         process.channel.close()

@@ -13,6 +13,7 @@ line, is computed once per second (``SecondCache``): the same text, a twentieth 
 
 from __future__ import annotations
 
+import atexit
 import threading
 from string import Formatter
 from typing import Any
@@ -36,6 +37,8 @@ class BackgroundWriter:
         self.original_format: Any = None  # the observer's formatter, when we replaced it
         self._thread = threading.Thread(target=self._run, name="mailplat-log", daemon=True)
         self._thread.start()
+        # A daemon that dies (a traceback at start-up) still gets its last lines written.
+        atexit.register(self.close)
 
     def write(self, text: Any) -> None:
         with self._cond:
@@ -51,6 +54,7 @@ class BackgroundWriter:
 
     def close(self, timeout: float = 10.0) -> None:
         """Write out everything queued, then stop the thread."""
+        atexit.unregister(self.close)
         with self._cond:
             self._closing = True
             self._cond.notify()

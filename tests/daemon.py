@@ -232,6 +232,7 @@ class Daemon:
         self.log_path = os.path.join(self.workdir, "mailplat.log")
         self.ports: dict[str, int] = {}
         self.process: subprocess.Popen[bytes] | None = None
+        self.twistd_args: list[str] = []  # e.g. --uid/--gid, before the plugin name
         tables = self._listener_tables(listeners or {"smtp": "relay"})
         base = {
             "hostname": "mx.test",
@@ -317,7 +318,8 @@ class Daemon:
             raise RuntimeError("daemon already running")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [SOURCE_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]))
-        command = [*TWISTD, "-n", "--pidfile=", "mailplat", "--config", self.config_path]
+        command = [*TWISTD, "-n", "--pidfile=", *self.twistd_args, "mailplat", "--config",
+                   self.config_path]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 command, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT,

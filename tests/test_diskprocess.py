@@ -7,6 +7,7 @@ import errno
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -234,3 +235,71 @@ class DaemonTests(TestCase):
         from twisted.internet.threads import deferToThread
 
         return deferToThread(client).addCallback(check)
+
+
+class PrivilegeTests(SynchronousTestCase):
+    """``twistd --uid/--gid``: the helper is started after the drop, so it too runs as the
+    mail user, and the Maildir files it writes belong to that user."""
+
+    def test_helper_runs_as_the_mail_user(self) -> None:
+        import pwd
+        import smtplib
+
+        from twisted.trial.unittest import SkipTest
+
+        from tests.daemon import HOST, Daemon, wait_for_files, wait_until
+
+        if os.geteuid() != 0:
+            raise SkipTest("needs root to drop privileges (CI runs the tests as root)")
+        nobody = pwd.getpwnam("nobody")
+        workdir = os.path.abspath(self.mktemp())
+        daemon = Daemon(workdir)
+        for path in (os.path.dirname(workdir), workdir):
+            os.chmod(path, 0o755)  # the mail user must reach its data dir
+        os.makedirs(daemon.data_dir)
+        os.chown(daemon.data_dir, nobody.pw_uid, nobody.pw_gid)
+        daemon.twistd_args = ["--uid", str(nobody.pw_uid), "--gid", str(nobody.pw_gid)]
+        daemon.start()
+        self.addCleanup(daemon.stop)
+        with smtplib.SMTP(HOST, daemon.port, local_hostname="c.test", timeout=10) as smtp:
+            self.assertEqual(smtp.sendmail("a@localhost", ["rose@localhost"],
+                                           b"Subject: uid\r\n\r\nbody\r\n"), {})
+        [path] = wait_for_files(daemon.maildir("rose"), 1)
+        self.assertEqual(os.stat(path).st_uid, nobody.pw_uid)
+        assert daemon.process is not None
+        self.assertEqual(_uid(daemon.process.pid), nobody.pw_uid)
+        if _may_run(sys.executable, nobody.pw_uid, nobody.pw_gid):
+            helpers = wait_until(lambda: _children(daemon.process.pid), 10, "the disk helper")
+            self.assertEqual([_uid(pid) for pid in helpers], [nobody.pw_uid])
+            self.assertIn(f"P{helpers[0]}Q", os.path.basename(path))
+        else:
+            # An interpreter the mail user cannot run (here: a pyenv build under /root):
+            # the daemon says so and does the disk work on its own threads.
+            self.assertIn("cannot start the disk helper", daemon.log())
+            self.assertIn(f"P{daemon.process.pid}Q", os.path.basename(path))
+            self.assertEqual(_children(daemon.process.pid), [])
+
+
+def _may_run(executable: str, uid: int, gid: int) -> bool:
+    """Whether ``uid`` can start this Python (its path may lie in a directory of root's)."""
+    import subprocess
+
+    try:
+        result = subprocess.run([executable, "-c", "pass"], user=uid, group=gid,
+                                extra_groups=[], capture_output=True, timeout=30)
+    except PermissionError:
+        return False
+    return result.returncode == 0
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+def _uid(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no Uid line for {pid}")

@@ -51,6 +51,28 @@ class BackgroundWriterTests(SynchronousTestCase):
         self.assertEqual(target.getvalue(), "late\n")
 
 
+    def test_lines_written_when_the_process_exits_without_close(self) -> None:
+        """A daemon dying at start-up (an uncaught traceback) still leaves its last lines."""
+        import subprocess
+        import sys
+
+        path = self.mktemp()
+        code = (
+            "import sys, time\n"
+            "from mailplat.logwriter import BackgroundWriter\n"
+            f"writer = BackgroundWriter(open({path!r}, 'w'))\n"
+            "writer.write('first\\n')\n"
+            "time.sleep(0.05)\n"
+            "writer._idle = False\n"  # the thread is busy: nobody wakes it for this line
+            "writer.write('last words\\n')\n"
+            "raise SystemExit(3)\n"
+        )
+        result = subprocess.run([sys.executable, "-c", code], timeout=30)
+        self.assertEqual(result.returncode, 3)
+        with open(path) as f:
+            self.assertEqual(f.read(), "first\nlast words\n")
+
+
 class OffloadTests(SynchronousTestCase):
     def test_observer_file_swapped_and_restored(self) -> None:
         """twistd's file observer keeps formatting; only its file changes, and returns."""
