@@ -13,6 +13,7 @@ id, taken from the creation time, should tell when the message came) and are del
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from typing import IO, Any
 
@@ -23,7 +24,8 @@ from mailplat.store import QueueStore
 
 log = Logger()
 
-Created = tuple[float, str, IO[bytes]]  # (reactor time created, queue id, open file)
+# (reactor time created, queue id, open file, or None for one the helper made, not yet open)
+Created = tuple[float, str, "IO[bytes] | None"]
 
 
 class DataFilePool:
@@ -31,13 +33,17 @@ class DataFilePool:
 
     def __init__(
         self, store: QueueStore, runInThread: RunInThread, reactor: Any,
-        batch: int = 32, max_age: float = 2.0,
+        batch: int = 32, max_age: float = 2.0, run_blocking: RunInThread | None = None,
     ) -> None:
         self.store = store
         self.reactor = reactor
         self.batch = batch
         self.max_age = max_age
         self._run = runInThread
+        # The daemon's disk helper process (diskprocess.py): it creates the files, empty and
+        # closed, and the reactor opens one when a message starts (an open without O_CREAT
+        # is no journal operation), so no thread of this process competes for the GIL.
+        self._run_blocking = run_blocking
         self._ready: deque[Created] = deque()
         self._refilling = False
         self._last_take = float("-inf")
@@ -52,24 +58,50 @@ class DataFilePool:
         found = None
         while self._ready and found is None:
             entry = self._ready.popleft()
-            if now - entry[0] <= self.max_age:
+            if now - entry[0] > self.max_age:
+                stale.append(entry)
+            elif entry[2] is not None:
                 found = entry[1], entry[2]
             else:
-                stale.append(entry)
+                found = self._open(entry[1])
         if stale:
-            self._run(_discard, self.store, stale)
+            self._discard(stale)
         if busy and len(self._ready) < self.batch // 2:
             self._refill()
         return found
+
+    def _open(self, qid: str) -> tuple[str, IO[bytes]] | None:
+        """A file the helper created, opened for writing; None if it is gone."""
+        try:
+            return qid, self.store.open_data_for_write(qid, create=False)
+        except OSError as e:
+            log.warn("{qid}: data file made ahead cannot be opened: {error}", qid=qid, error=e)
+            return None
+
+    def _discard(self, stale: list[Created]) -> None:
+        if self._run_blocking is not None:
+            opened = [entry for entry in stale if entry[2] is not None]
+            if opened:
+                self._run(_discard, self.store, opened)
+            paths = [self.store.data_path(qid) for _, qid, f in stale if f is None]
+            if paths:
+                self._run_blocking(unlink_files, paths)
+        else:
+            self._run(_discard, self.store, stale)
 
     def _refill(self) -> None:
         if self._refilling:
             return
         self._refilling = True
-        d = self._run(_create, self.store, self.batch)
+        if self._run_blocking is not None:
+            qids = [self.store.new_queue_id() for _ in range(self.batch)]
+            d = self._run_blocking(create_files, [self.store.data_path(q) for q in qids])
+            d.addCallback(lambda made: [(qid, None) for qid in qids[:made]])
+        else:
+            d = self._run(_create, self.store, self.batch)
         d.addCallbacks(self._filled, self._failed)
 
-    def _filled(self, files: list[tuple[str, IO[bytes]]]) -> None:
+    def _filled(self, files: list[tuple[str, IO[bytes] | None]]) -> None:
         self._refilling = False
         now = self.reactor.seconds()
         self._ready.extend((now, qid, f) for qid, f in files)
@@ -84,7 +116,7 @@ class DataFilePool:
         while self._ready and now - self._ready[0][0] > self.max_age / 2:
             stale.append(self._ready.popleft())
         if stale:
-            self._run(_discard, self.store, stale)
+            self._discard(stale)
         if self._ready:
             self._expiry = self.reactor.callLater(self.max_age, self._expire)
 
@@ -116,11 +148,34 @@ def _create(store: QueueStore, count: int) -> list[tuple[str, IO[bytes]]]:
     return files
 
 
+def create_files(paths: list[str]) -> int:
+    """Blocking (in the disk helper): create these files, empty, mode 0600, never reusing
+    one that exists; how many were made, in order, before an error (none: the error)."""
+    for made, path in enumerate(paths):
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError:
+            if not made:
+                raise
+            return made
+    return len(paths)
+
+
+def unlink_files(paths: list[str]) -> None:
+    """Blocking: delete files that were never used (already gone is fine)."""
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 def _discard(store: QueueStore, entries: list[Created]) -> None:
     """Blocking: close and delete files that were never used."""
     for _, qid, f in entries:
         try:
-            f.close()
+            if f is not None:
+                f.close()
         except OSError:
             pass
         store.discard_data(qid)

@@ -78,10 +78,12 @@ class ReceptionService(MultiService):
                                 sync_directories=config.sync_directories)
         # ODMR domains ([odmr.domains]) go to the hold; everything else as LocalRouter says.
         self.router = odmr_router(config, LocalRouter(config))
-        self.data_files = DataFilePool(self.store, thread_runner(reactor), reactor)
-        # Commit fsyncs and Maildir copies run in a helper process (diskprocess.py).
+        # Commit fsyncs, Maildir copies and data file creation run in a helper process
+        # (diskprocess.py).
         self.disk = DiskProcess(reactor)
         self.disk.setServiceParent(self)  # type: ignore[no-untyped-call]
+        self.data_files = DataFilePool(self.store, thread_runner(reactor), reactor,
+                                       run_blocking=self.disk.run)
         self.spool = Spool(self.store, self.syncer, on_commit, reactor,
                            data_files=self.data_files, run_blocking=self.disk.run)
         # One DNS resolver ([dns]) for MX lookups and for the policy plugins alike.

@@ -171,9 +171,11 @@ class QueueStore:
     def data_path(self, qid: str) -> str:
         return os.path.join(self.data_dir, qid)
 
-    def open_data_for_write(self, qid: str) -> IO[bytes]:
-        """Create the data file; O_EXCL because a queue id is never reused."""
-        fd = os.open(self.data_path(qid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    def open_data_for_write(self, qid: str, create: bool = True) -> IO[bytes]:
+        """Create the data file (O_EXCL: a queue id is never reused), or open the empty one
+        made ahead for it (``create=False``)."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL if create else os.O_WRONLY
+        fd = os.open(self.data_path(qid), flags, 0o600)
         try:
             return os.fdopen(fd, "wb", buffering=1 << 16)
         except BaseException:

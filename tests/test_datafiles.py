@@ -82,3 +82,48 @@ class DataFilePoolTests(SynchronousTestCase):
         self.threads.run_all()
         self.assertEqual(os.listdir(self.store.data_dir), [])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class HelperMadeTests(DataFilePoolTests):
+    """The same pool when the daemon's disk helper makes the files: they are created empty
+    and closed there, and opened here only when a message takes one."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.pool = DataFilePool(self.store, self.threads, self.clock, batch=4, max_age=2.0,
+                                 run_blocking=self.threads)
+
+    def test_made_closed_and_private(self) -> None:
+        self.pool.take()
+        self.pool.take()
+        opened_before = len(os.listdir("/proc/self/fd"))
+        self.threads.run_next()
+        self.assertEqual(len(os.listdir("/proc/self/fd")), opened_before)  # none held open
+        modes = {os.stat(os.path.join(self.store.data_dir, n)).st_mode & 0o777
+                 for n in os.listdir(self.store.data_dir)}
+        self.assertEqual(modes, {0o600})
+
+    def test_file_gone_meanwhile_is_skipped(self) -> None:
+        """A made-ahead file removed behind our back: that message creates its own."""
+        self.pool.take()
+        self.pool.take()
+        self.threads.run_next()
+        for name in os.listdir(self.store.data_dir):
+            os.unlink(os.path.join(self.store.data_dir, name))
+        self.assertIsNone(self.pool.take())
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    def test_refill_failure_leaves_sessions_to_create_their_own(self) -> None:
+        """The helper's creation fails (a full disk): logged, and each session creates its
+        own file and gets the precise 452 from that."""
+        import mailplat.datafiles
+
+        def full(paths: list[str]) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(mailplat.datafiles, "create_files", full)
+        self.pool.take()
+        self.pool.take()
+        self.threads.run_next()
+        self.assertIsNone(self.pool.take())
+        self.assertEqual(self.threads.pending, 1)  # tried again, since mail keeps coming
