@@ -19,6 +19,7 @@ from typing import IO, Any
 
 from twisted.logger import Logger
 
+from mailplat.diskprocess import idempotent
 from mailplat.groupsync import RunInThread
 from mailplat.store import QueueStore
 
@@ -148,6 +149,7 @@ def _create(store: QueueStore, count: int) -> list[tuple[str, IO[bytes]]]:
     return files
 
 
+@idempotent
 def create_files(paths: list[str]) -> int:
     """Blocking (in the disk helper): create these files, empty, mode 0600, never reusing
     one that exists; how many were made, in order, before an error (none: the error)."""
@@ -161,6 +163,7 @@ def create_files(paths: list[str]) -> int:
     return len(paths)
 
 
+@idempotent
 def unlink_files(paths: list[str]) -> None:
     """Blocking: delete files that were never used (already gone is fine)."""
     for path in paths:

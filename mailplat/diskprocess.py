@@ -13,8 +13,10 @@ helper's threads all wait on the socket itself and the kernel wakes one per job 
 or writer thread in between), and the reactor pays one ``send`` per job.
 
 The helper starts after twistd drops privileges (``startService``), so it runs as the
-daemon's user. If it dies, every job in flight fails with ``DiskProcessLost`` (an OSError:
-a commit answers 451, a delivery is retried) and another one is started; while none is up
+daemon's user. If it dies, a job in flight that may simply run again (``idempotent``: the
+commit's fsync, unlinks, file creation) runs again on a thread; any other (a Maildir copy)
+fails with ``DiskProcessLost``, an OSError, and the queue retries it; another helper is
+started; while none is up
 (before start, after stop, between a death and the restart) jobs run on threads here, as do
 jobs whose arguments do not pickle or are too large for one packet.
 """
@@ -52,6 +54,16 @@ CHANNEL_FD = 3  # the helper's end of the socket pair
 
 class DiskProcessLost(OSError):
     """The helper process ended with this job in flight: its outcome is unknown."""
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def idempotent(f: F) -> F:
+    """Mark a job that may simply run again (an fsync, an unlink): if the helper dies with
+    it in flight, it is run again on a thread instead of failing."""
+    f.idempotent = True  # type: ignore[attr-defined]
+    return f
 
 
 def _environment() -> dict[str, str]:
@@ -95,7 +107,14 @@ class DiskProcess(Service):
         if channel is not None and channel.open and not channel.finishing:
             d = channel.send(f, args)
             if d is not None:
+                if getattr(f, "idempotent", False):
+                    d.addErrback(self._again_on_a_thread, f, args)
                 return d
+        return self.fallback(f, *args)
+
+    def _again_on_a_thread(self, failure: Failure, f: Callable[..., T],
+                           args: tuple[Any, ...]) -> "Deferred[T]":
+        failure.trap(DiskProcessLost)
         return self.fallback(f, *args)
 
     def startService(self) -> None:

@@ -29,6 +29,7 @@ from typing import IO, Any, TypeVar
 
 from twisted.internet.defer import Deferred
 
+from mailplat.diskprocess import idempotent
 from mailplat.durability import AUTO, needs_directory_sync
 from mailplat.envelope import Envelope
 from mailplat.groupsync import GroupSyncer, RunInThread, fsync_dir, thread_runner
@@ -358,6 +359,7 @@ def _parses(path: str) -> bool:
         return False
 
 
+@idempotent
 def remove_files(expected: str | None, envelopes: list[str], data: str) -> None:
     """Blocking: unlink the envelope where expected (or, not there, wherever it is among
     ``envelopes``), then the data file; what is already gone is no error."""

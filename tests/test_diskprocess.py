@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailplat import diskprocess
-from mailplat.diskprocess import DiskProcess, DiskProcessLost, answer, serve
+from mailplat.diskprocess import DiskProcess, DiskProcessLost, answer, idempotent, serve
 from mailplat.spool import sync_file
 
 
@@ -44,6 +44,12 @@ def meet(directory: str, name: str, count: int) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+@idempotent
+def write_once_slowly(path: str, seconds: float) -> str:
+    """Idempotent: the same file with the same content, however often it runs."""
+    return sleep_then_write(path, seconds)
 
 
 def unpicklable_result() -> Any:
@@ -116,6 +122,19 @@ class HelperTests(TestCase):
                     and self.disk.channel.open)
         second = await self.disk.run(process_id)
         self.assertNotIn(second, (first, os.getpid()))
+
+    async def test_idempotent_job_runs_again_when_the_helper_dies(self) -> None:
+        """An fsync or an unlink lost with its helper is simply run again, on a thread: a
+        commit in flight then still gets its 250 instead of a 451."""
+        first = await self.disk.run(process_id)
+        path = self.mktemp()
+        in_flight = self.disk.run(write_once_slowly, path, 2.0)
+        await _wait(lambda: bool(self.disk.channel and self.disk.channel.pending))
+        os.kill(first, signal.SIGKILL)
+        self.assertEqual(await in_flight, path)
+        with open(path) as f:
+            self.assertEqual(f.read(), "done")
+        self.flushLoggedErrors()
 
     async def test_stop_finishes_jobs_in_flight(self) -> None:
         """Stopping the service lets the helper finish and answer what it has, then exit."""
