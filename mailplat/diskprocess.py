@@ -16,9 +16,9 @@ The helper starts after twistd drops privileges (``startService``), so it runs a
 daemon's user. If it dies, a job in flight that may simply run again (``idempotent``: the
 commit's fsync, unlinks, file creation) runs again on a thread; any other (a Maildir copy)
 fails with ``DiskProcessLost``, an OSError, and the queue retries it; another helper is
-started; while none is up
-(before start, after stop, between a death and the restart) jobs run on threads here, as do
-jobs whose arguments do not pickle or are too large for one packet.
+started. While none is up (before start, after stop, between a death and the restart) jobs
+run on threads here, as do jobs whose arguments do not pickle or are too large for one
+packet.
 """
 
 from __future__ import annotations
