@@ -66,8 +66,9 @@ def idempotent(f: F) -> F:
     return f
 
 
-def _environment() -> dict[str, str]:
-    """Ours, with this mailplat importable however the daemon found it."""
+def child_environment() -> dict[str, str]:
+    """Ours, for a Python child of the daemon (the helper, a receiver): this mailplat
+    importable however the daemon found it (a checkout on sys.path, twistd in a tree)."""
     import mailplat
 
     env = os.environ.copy()
@@ -130,7 +131,7 @@ class DiskProcess(Service):
         try:
             self.reactor.spawnProcess(
                 process, self.executable,
-                [self.executable, "-m", "mailplat.diskprocess"], env=_environment(),
+                [self.executable, "-m", "mailplat.diskprocess"], env=child_environment(),
                 childFDs={0: "w", 1: "r", 2: "r", CHANNEL_FD: theirs.fileno()},
             )
         except OSError as e:

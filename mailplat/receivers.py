@@ -35,6 +35,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
 from mailplat.config import EMBEDDED
+from mailplat.diskprocess import child_environment
 from mailplat.envelope import Envelope
 from mailplat.replies import Reply
 from mailplat.store import INCOMING
@@ -51,18 +52,6 @@ QUICK_DEATH = 5.0  # a receiver ending sooner than this after its start died at 
 STOP_TIMEOUT = 10.0
 ORPHAN_AGE = 2.0  # an incoming envelope older than this, unknown to the queue, was orphaned
 MAX_LINE = 1 << 24  # an envelope with many recipients and long histories is still far below
-
-
-def _environment() -> dict[str, str]:
-    """Ours, with this mailplat importable however the daemon found it (a checkout on
-    sys.path, twistd run from a source tree)."""
-    import mailplat
-
-    env = os.environ.copy()
-    here = os.path.dirname(os.path.dirname(os.path.abspath(mailplat.__file__)))
-    paths = [here, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    return env
 
 
 def listening_port(service: Any) -> Any:
@@ -137,7 +126,7 @@ class Receivers(Service):
             args += ["--listen", f"{name}={fd}"]
         self.children.append(child)
         child.started = self.reactor.seconds()
-        self.reactor.spawnProcess(child, self.executable, args, env=_environment(),
+        self.reactor.spawnProcess(child, self.executable, args, env=child_environment(),
                                   childFDs=fds)
 
     def child_up(self, child: ReceiverProtocol) -> None:
