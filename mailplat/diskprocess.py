@@ -8,9 +8,11 @@ a second process with its own interpreter, and its threads contend only with eac
 
 A job is a module-level function and picklable arguments (``run(f, *args)``, the signature
 of ``workers.thread_runner``); its result or exception comes back pickled. The two processes
-share a ``SOCK_SEQPACKET`` socket pair: one packet per job and one per answer, so the
+share ``SOCK_SEQPACKET`` socket pairs: one packet per job and one per answer, so the
 helper's threads all wait on the socket itself and the kernel wakes one per job (no reader
-or writer thread in between), and the reactor pays one ``send`` per job.
+or writer thread in between), and the reactor pays one ``send`` per job. Jobs a client waits
+for (``urgent``: the commit's fsync before its 250) have a socket and four threads of their
+own, so that they never queue behind the Maildir copies on the other eight.
 
 The helper starts after twistd drops privileges (``startService``), so it runs as the
 daemon's user. If it dies, a job in flight that may simply run again (``idempotent``: the
@@ -49,7 +51,9 @@ THREADS = 8  # concurrent fsyncs share journal commits; these threads' GIL is no
 MAX_PACKET = 1 << 18  # an envelope with thousands of recipients; larger jobs stay on threads
 SOCKET_BUFFER = 1 << 22  # room for a backlog of jobs before send() would block
 RESTART_DELAY = 1.0
-CHANNEL_FD = 3  # the helper's end of the socket pair
+CHANNEL_FD = 3  # the helper's end of the socket pair for background jobs
+URGENT_FD = 4  # and of the one for jobs a client waits for (the commit's fsync)
+URGENT_THREADS = 4
 
 
 class DiskProcessLost(OSError):
@@ -57,6 +61,13 @@ class DiskProcessLost(OSError):
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def urgent(f: F) -> F:
+    """Mark a job a client is waiting for (the commit before its 250): it goes through a
+    socket and threads of its own, never queued behind Maildir copies."""
+    f.urgent = True  # type: ignore[attr-defined]
+    return f
 
 
 def idempotent(f: F) -> F:
@@ -97,14 +108,15 @@ class DiskProcess(Service):
         self.reactor = reactor
         self.executable = executable
         self.fallback = fallback or thread_runner(reactor, pool="delivery")
-        self.channel: _Channel | None = None
+        self.channel: _Channel | None = None  # background jobs
+        self.urgent_channel: _Channel | None = None  # jobs marked @urgent
         self.started = 0  # helpers started: lets tests see a restart
         self._process: _HelperProcess | None = None
         self._restart: Any = None
 
     def run(self, f: Callable[..., T], *args: Any) -> "Deferred[T]":
         """``f(*args)`` in the helper process (on a thread while there is none)."""
-        channel = self.channel
+        channel = self.urgent_channel if getattr(f, "urgent", False) else self.channel
         if channel is not None and channel.open and not channel.finishing:
             d = channel.send(f, args)
             if d is not None:
@@ -126,29 +138,36 @@ class DiskProcess(Service):
         if not self.running:
             return
         ours, theirs = socket_pair()
+        urgent_ours, urgent_theirs = socket_pair()
         channel = _Channel(ours, self.reactor)
-        process = _HelperProcess(self, channel)
+        urgent_channel = _Channel(urgent_ours, self.reactor)
+        process = _HelperProcess(self, [channel, urgent_channel])
         try:
             self.reactor.spawnProcess(
                 process, self.executable,
                 [self.executable, "-m", "mailplat.diskprocess"], env=child_environment(),
-                childFDs={0: "w", 1: "r", 2: "r", CHANNEL_FD: theirs.fileno()},
+                childFDs={0: "w", 1: "r", 2: "r", CHANNEL_FD: theirs.fileno(),
+                          URGENT_FD: urgent_theirs.fileno()},
             )
         except OSError as e:
             # E.g. an interpreter the mail user may not execute (after --uid): the daemon
             # still works, with its disk work on threads as before the helper existed.
             log.error("cannot start the disk helper ({error}); disk work stays on threads "
                       "in the daemon", error=e)
-            channel.close()
+            for each in process.channels:
+                each.close()
             return
         finally:
-            theirs.close()  # the helper has its copy; ours must not keep its end alive
+            theirs.close()  # the helper has its copies; ours must not keep its ends alive
+            urgent_theirs.close()
         self.started += 1
-        self.channel, self._process = channel, process
-        channel.start()
+        self.channel, self.urgent_channel, self._process = channel, urgent_channel, process
+        for each in process.channels:
+            each.start()
 
     def helper_ended(self, process: _HelperProcess, reason: Any) -> None:
-        process.channel.close()
+        for channel in process.channels:
+            channel.close()
         if process is self._process:
             self._process = None
         if self.running:
@@ -165,7 +184,8 @@ class DiskProcess(Service):
         process = self._process
         if process is None:
             return succeed(None)
-        process.channel.finish()
+        for channel in process.channels:
+            channel.finish()
         return process.ended
 
 
@@ -287,9 +307,9 @@ class _Channel:
 class _HelperProcess(ProcessProtocol):
     """The helper's pipes: its stderr (tracebacks, should it fail) goes to our log."""
 
-    def __init__(self, owner: DiskProcess, channel: _Channel) -> None:
+    def __init__(self, owner: DiskProcess, channels: list[_Channel]) -> None:
         self.owner = owner
-        self.channel = channel
+        self.channels = channels
         self.ended: Deferred[None] = Deferred()
         self._err = b""
 
@@ -325,6 +345,12 @@ def answer(job: int, f: Callable[..., Any], args: tuple[Any, ...]) -> bytes:
 
 def serve(sock: socket.socket, threads: int = THREADS) -> None:
     """Run jobs from ``sock`` on ``threads`` threads until the daemon's end stops sending."""
+    for thread in start_workers(sock, threads):
+        thread.join()
+
+
+def start_workers(sock: socket.socket, threads: int, name: str = "disk") -> list[threading.Thread]:
+    """Threads that each take a job from ``sock``, run it and send its answer back."""
 
     def work() -> None:
         buffer = bytearray(MAX_PACKET)
@@ -336,13 +362,14 @@ def serve(sock: socket.socket, threads: int = THREADS) -> None:
             job, f, args = pickle.loads(view[:size])
             sock.sendall(answer(job, f, args))
 
-    workers = [threading.Thread(target=work, name=f"disk-{n}") for n in range(threads)]
+    workers = [threading.Thread(target=work, name=f"{name}-{n}") for n in range(threads)]
     for thread in workers:
         thread.start()
-    for thread in workers:
-        thread.join()
+    return workers
 
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon says when to stop (end of input)
-    serve(socket.socket(fileno=CHANNEL_FD))
+    for worker in [*start_workers(socket.socket(fileno=CHANNEL_FD), THREADS),
+                   *start_workers(socket.socket(fileno=URGENT_FD), URGENT_THREADS, "urgent")]:
+        worker.join()

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailplat.datafiles import DataFilePool
-from mailplat.diskprocess import idempotent
+from mailplat.diskprocess import idempotent, urgent
 from mailplat.envelope import Envelope, SessionInfo, Transaction
 from mailplat.groupsync import GroupSyncer, RunInThread, fsync_dirs, thread_runner
 from mailplat.interfaces import IIncomingMessage, IMessageSink, SpoolError
@@ -257,6 +257,7 @@ def _store_files(data: IO[bytes], envelope: Envelope, dirs: list[str]) -> None:
     fsync_dirs(dirs)
 
 
+@urgent
 @idempotent
 def sync_file(path: str, dirs: list[str]) -> None:
     """Blocking: fsync a file written and closed by another (the reactor, in the daemon's

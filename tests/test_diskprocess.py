@@ -17,7 +17,8 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailplat import diskprocess
-from mailplat.diskprocess import DiskProcess, DiskProcessLost, answer, idempotent, serve
+from mailplat.diskprocess import (THREADS, DiskProcess, DiskProcessLost, answer, idempotent,
+                                   serve, urgent)
 from mailplat.spool import sync_file
 
 
@@ -50,6 +51,20 @@ def meet(directory: str, name: str, count: int) -> bool:
 def write_once_slowly(path: str, seconds: float) -> str:
     """Idempotent: the same file with the same content, however often it runs."""
     return sleep_then_write(path, seconds)
+
+
+@urgent
+def urgent_process_id() -> int:
+    return os.getpid()
+
+
+def wait_for_gate(path: str) -> bool:
+    """Block a helper thread until ``path`` exists: True, or False after 10 s."""
+    for _ in range(1000):
+        if os.path.exists(path):
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def unpicklable_result() -> Any:
@@ -135,6 +150,17 @@ class HelperTests(TestCase):
         with open(path) as f:
             self.assertEqual(f.read(), "done")
         self.flushLoggedErrors()
+
+    async def test_urgent_jobs_pass_busy_background_threads(self) -> None:
+        """With every background thread busy (Maildir copies, say), a commit's job still
+        runs at once: the gate opens only after its answer, so had it waited for a
+        background thread, the blocked jobs would have given up (False)."""
+        gate = self.mktemp()
+        blocked = [self.disk.run(wait_for_gate, gate) for _ in range(THREADS + 2)]
+        pid = await self.disk.run(urgent_process_id)
+        self.assertNotEqual(pid, os.getpid())
+        open(gate, "w").close()
+        self.assertEqual(await gatherResults(blocked), [True] * (THREADS + 2))
 
     async def test_stop_finishes_jobs_in_flight(self) -> None:
         """Stopping the service lets the helper finish and answer what it has, then exit."""
