@@ -1,10 +1,12 @@
-"""Data files created ahead of need, in a worker thread.
+"""Data files created ahead of need, off the reactor.
 
 Creating a file is a journal operation: while the queue's fsyncs keep the journal busy, the
 ``open(O_CREAT)`` at the start of every message can wait for it, and the reactor (every
 session) waits with it (a tenth of its time with 8 sessions, docs/performance.rst). While mail
-keeps coming, the spool takes its data files from a few created beforehand by a worker; when
-there are none (the first message after a quiet spell) it creates one in place as before.
+keeps coming, the spool takes its data files from a few created beforehand (by the daemon's
+disk helper process, else a thread), empty and closed; the reactor opens one without
+``O_CREAT`` (no journal operation) when a message starts. When there are none (the first
+message after a quiet spell) it creates one in place as before.
 
 A file waiting here is empty and has no envelope: a crash leaves it to recovery, which deletes
 data files that were never committed. Files older than ``max_age`` are not used (the queue
@@ -25,8 +27,7 @@ from mailplat.store import QueueStore
 
 log = Logger()
 
-# (reactor time created, queue id, open file, or None for one the helper made, not yet open)
-Created = tuple[float, str, "IO[bytes] | None"]
+Created = tuple[float, str]  # (reactor time created, queue id of an empty file)
 
 
 class DataFilePool:
@@ -34,17 +35,15 @@ class DataFilePool:
 
     def __init__(
         self, store: QueueStore, runInThread: RunInThread, reactor: Any,
-        batch: int = 32, max_age: float = 2.0, run_blocking: RunInThread | None = None,
+        batch: int = 32, max_age: float = 2.0,
     ) -> None:
         self.store = store
         self.reactor = reactor
         self.batch = batch
         self.max_age = max_age
+        # The daemon gives its disk helper's ``run`` (diskprocess.py): then no thread of
+        # the daemon competes with the reactor for the GIL.
         self._run = runInThread
-        # The daemon's disk helper process (diskprocess.py): it creates the files, empty and
-        # closed, and the reactor opens one when a message starts (an open without O_CREAT
-        # is no journal operation), so no thread of this process competes for the GIL.
-        self._run_blocking = run_blocking
         self._ready: deque[Created] = deque()
         self._refilling = False
         self._last_take = float("-inf")
@@ -61,8 +60,6 @@ class DataFilePool:
             entry = self._ready.popleft()
             if now - entry[0] > self.max_age:
                 stale.append(entry)
-            elif entry[2] is not None:
-                found = entry[1], entry[2]
             else:
                 found = self._open(entry[1])
         if stale:
@@ -72,7 +69,7 @@ class DataFilePool:
         return found
 
     def _open(self, qid: str) -> tuple[str, IO[bytes]] | None:
-        """A file the helper created, opened for writing; None if it is gone."""
+        """A file made ahead, opened for writing; None if it is gone."""
         try:
             return qid, self.store.open_data_for_write(qid, create=False)
         except OSError as e:
@@ -80,32 +77,20 @@ class DataFilePool:
             return None
 
     def _discard(self, stale: list[Created]) -> None:
-        if self._run_blocking is not None:
-            opened = [entry for entry in stale if entry[2] is not None]
-            if opened:
-                self._run(_discard, self.store, opened)
-            paths = [self.store.data_path(qid) for _, qid, f in stale if f is None]
-            if paths:
-                self._run_blocking(unlink_files, paths)
-        else:
-            self._run(_discard, self.store, stale)
+        self._run(unlink_files, [self.store.data_path(qid) for _, qid in stale])
 
     def _refill(self) -> None:
         if self._refilling:
             return
         self._refilling = True
-        if self._run_blocking is not None:
-            qids = [self.store.new_queue_id() for _ in range(self.batch)]
-            d = self._run_blocking(create_files, [self.store.data_path(q) for q in qids])
-            d.addCallback(lambda made: [(qid, None) for qid in qids[:made]])
-        else:
-            d = self._run(_create, self.store, self.batch)
-        d.addCallbacks(self._filled, self._failed)
+        qids = [self.store.new_queue_id() for _ in range(self.batch)]
+        d = self._run(create_files, [self.store.data_path(qid) for qid in qids])
+        d.addCallbacks(lambda made: self._filled(qids[:made]), self._failed)
 
-    def _filled(self, files: list[tuple[str, IO[bytes] | None]]) -> None:
+    def _filled(self, qids: list[str]) -> None:
         self._refilling = False
         now = self.reactor.seconds()
-        self._ready.extend((now, qid, f) for qid, f in files)
+        self._ready.extend((now, qid) for qid in qids)
         if self._expiry is None or not self._expiry.active():
             self._expiry = self.reactor.callLater(self.max_age, self._expire)
 
@@ -132,21 +117,7 @@ class DataFilePool:
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
         stale, self._ready = list(self._ready), deque()
-        _discard(self.store, stale)
-
-
-def _create(store: QueueStore, count: int) -> list[tuple[str, IO[bytes]]]:
-    """Blocking: ``count`` new data files; as many as could be made before an error."""
-    files = []
-    for _ in range(count):
-        qid = store.new_queue_id()
-        try:
-            files.append((qid, store.open_data_for_write(qid)))
-        except OSError:
-            if not files:
-                raise
-            break
-    return files
+        unlink_files([self.store.data_path(qid) for _, qid in stale])
 
 
 @idempotent
@@ -171,17 +142,6 @@ def unlink_files(paths: list[str]) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
-
-
-def _discard(store: QueueStore, entries: list[Created]) -> None:
-    """Blocking: close and delete files that were never used."""
-    for _, qid, f in entries:
-        try:
-            if f is not None:
-                f.close()
-        except OSError:
-            pass
-        store.discard_data(qid)
 
 
 __all__ = ["DataFilePool"]

@@ -22,7 +22,7 @@ from mailplat.dns import make_resolver
 from mailplat.dsn import Notifier
 from mailplat.datafiles import DataFilePool
 from mailplat.diskprocess import DiskProcess
-from mailplat.groupsync import GroupSyncer, thread_runner
+from mailplat.groupsync import GroupSyncer
 from mailplat.interfaces import AgentContext, IDeliveryAgent, IDeliveryAgentFactory
 from mailplat.listeners import build_factory
 from mailplat.logwriter import BackgroundWriter, offload_log_files, restore
@@ -82,8 +82,7 @@ class ReceptionService(MultiService):
         # (diskprocess.py).
         self.disk = DiskProcess(reactor)
         self.disk.setServiceParent(self)  # type: ignore[no-untyped-call]
-        self.data_files = DataFilePool(self.store, thread_runner(reactor), reactor,
-                                       run_blocking=self.disk.run)
+        self.data_files = DataFilePool(self.store, self.disk.run, reactor)
         self.spool = Spool(self.store, self.syncer, on_commit, reactor,
                            data_files=self.data_files, run_blocking=self.disk.run)
         # One DNS resolver ([dns]) for MX lookups and for the policy plugins alike.

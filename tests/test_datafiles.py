@@ -1,4 +1,5 @@
-"""Data files created ahead (mailplat.datafiles)."""
+"""Data files created ahead (mailplat.datafiles): empty and closed where they are made (the
+daemon's disk helper), opened when a message takes one."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+import mailplat.datafiles
 from mailplat.datafiles import DataFilePool
 from mailplat.store import QueueStore
 from mailplat.testing import ManualThreads
@@ -62,10 +64,10 @@ class DataFilePoolTests(SynchronousTestCase):
         """A full disk while creating ahead is only logged: each session then creates its
         file itself and gets the precise 452 from that."""
 
-        def full(qid: str) -> None:
+        def full(paths: list[str]) -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        self.patch(self.store, "open_data_for_write", full)
+        self.patch(mailplat.datafiles, "create_files", full)
         self.pool.take()
         self.pool.take()
         self.threads.run_next()
@@ -82,16 +84,6 @@ class DataFilePoolTests(SynchronousTestCase):
         self.threads.run_all()
         self.assertEqual(os.listdir(self.store.data_dir), [])
         self.assertEqual(self.clock.getDelayedCalls(), [])
-
-
-class HelperMadeTests(DataFilePoolTests):
-    """The same pool when the daemon's disk helper makes the files: they are created empty
-    and closed there, and opened here only when a message takes one."""
-
-    def setUp(self) -> None:
-        super().setUp()
-        self.pool = DataFilePool(self.store, self.threads, self.clock, batch=4, max_age=2.0,
-                                 run_blocking=self.threads)
 
     def test_made_closed_and_private(self) -> None:
         self.pool.take()
@@ -112,18 +104,3 @@ class HelperMadeTests(DataFilePoolTests):
             os.unlink(os.path.join(self.store.data_dir, name))
         self.assertIsNone(self.pool.take())
         self.assertEqual(len(self.flushLoggedErrors()), 0)
-
-    def test_refill_failure_leaves_sessions_to_create_their_own(self) -> None:
-        """The helper's creation fails (a full disk): logged, and each session creates its
-        own file and gets the precise 452 from that."""
-        import mailplat.datafiles
-
-        def full(paths: list[str]) -> int:
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        self.patch(mailplat.datafiles, "create_files", full)
-        self.pool.take()
-        self.pool.take()
-        self.threads.run_next()
-        self.assertIsNone(self.pool.take())
-        self.assertEqual(self.threads.pending, 1)  # tried again, since mail keeps coming
