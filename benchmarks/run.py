@@ -25,6 +25,7 @@ from benchmarks.measure import raise_fd_limit  # noqa: E402
 from benchmarks.postfix_setup import POSTFIX, PostfixServer  # noqa: E402
 from benchmarks.runner import run_scenario  # noqa: E402
 from benchmarks.scenarios import MB, Scenario, select  # noqa: E402
+from benchmarks.workspace import make_root, remove_root  # noqa: E402
 
 MESSAGE_SIZE_LIMIT = 200 * MB  # both servers, every scenario: room for (e)'s 100 MB
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -96,7 +97,9 @@ def servers_for(args: argparse.Namespace, round_number: int) -> list[Any]:
     return servers if round_number % 2 == 0 else servers[::-1]
 
 
-def run_all(args: argparse.Namespace, scenarios: list[Scenario], smtp_source: str) -> list[dict[str, Any]]:
+def run_all(
+    args: argparse.Namespace, scenarios: list[Scenario], smtp_source: str, root: str
+) -> list[dict[str, Any]]:
     results = []
     round_number = 0
     for repeat in range(args.repeat):
@@ -104,7 +107,7 @@ def run_all(args: argparse.Namespace, scenarios: list[Scenario], smtp_source: st
             for server in servers_for(args, round_number):
                 print(f"[{repeat + 1}/{args.repeat}] ({scenario.key}) {scenario.title}: "
                       f"{server.name} ...", file=sys.stderr, flush=True)
-                result = run_scenario(server, scenario, smtp_source, args.workdir, args.py_spy)
+                result = run_scenario(server, scenario, smtp_source, root, args.py_spy)
                 result["repeat"] = repeat
                 print("    " + _one_line(result), file=sys.stderr, flush=True)
                 results.append(result)
@@ -131,8 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     if machine["filesystem"] in ("tmpfs", "ramfs"):
         print(f"warning: {workdir} is {machine['filesystem']}: fsync is free there, so the "
               "figures say nothing about a disk; pass --workdir", file=sys.stderr)
+    root, machine["runs_spread_over_block_groups"] = make_root(workdir)
     started = datetime.datetime.now(datetime.timezone.utc)
-    results = run_all(args, scenarios, smtp_source)
+    try:
+        results = run_all(args, scenarios, smtp_source, root)
+    finally:
+        remove_root(root)
     rows = report.summarize(results)
     print(report.table(rows))
     os.makedirs(args.output, exist_ok=True)
