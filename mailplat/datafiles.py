@@ -8,6 +8,13 @@ disk helper process, else a thread), empty and closed; the reactor opens one wit
 ``O_CREAT`` (no journal operation) when a message starts. When there are none (the first
 message after a quiet spell) it creates one in place as before.
 
+Files also come back from the queue: a delivered message's data file is emptied and renamed
+to a new queue id (``store.recycle_files``) instead of unlinked, while mail keeps coming and
+the pool has room. Why: ext4 (without a journal, as on our benchmark machine) will not reuse an
+inode freed in the last minutes and walks past each such inode, reading its inode table block,
+for every file it creates; with a thousand messages a second that walk grew to a sixth of the
+disk helper's time (docs/performance.rst). A recycled file frees no inode and needs none.
+
 A file waiting here is empty and has no envelope: a crash leaves it to recovery, which deletes
 data files that were never committed. Files older than ``max_age`` are not used (the queue
 id, taken from the creation time, should tell when the message came) and are deleted.
@@ -45,6 +52,8 @@ class DataFilePool:
         # the daemon competes with the reactor for the GIL.
         self._run = runInThread
         self._ready: deque[Created] = deque()
+        self.capacity = 2 * batch  # files waiting, at most; beyond, delivered ones are unlinked
+        self._promised = 0  # spare ids given to the queue whose files have not come back
         self._refilling = False
         self._last_take = float("-inf")
         self._expiry: Any = None  # the timer that deletes spare files once mail stops
@@ -68,6 +77,21 @@ class DataFilePool:
             self._refill()
         return found
 
+    def spare(self) -> str | None:
+        """A new queue id for the data file of a message leaving the queue, when the pool
+        wants it back (mail is arriving and there is room); else None: unlink it."""
+        busy = self.reactor.seconds() - self._last_take < self.max_age
+        if not busy or len(self._ready) + self._promised >= self.capacity:
+            return None
+        self._promised += 1
+        return self.store.new_queue_id()
+
+    def returned(self, qid: str, kept: bool) -> None:
+        """``spare``'s file is back (``kept``: emptied and renamed, ready for use)."""
+        self._promised -= 1
+        if kept:
+            self._filled([qid], refilled=False)
+
     def _open(self, qid: str) -> tuple[str, IO[bytes]] | None:
         """A file made ahead, opened for writing; None if it is gone."""
         try:
@@ -87,8 +111,9 @@ class DataFilePool:
         d = self._run(create_files, [self.store.data_path(qid) for qid in qids])
         d.addCallbacks(lambda made: self._filled(qids[:made]), self._failed)
 
-    def _filled(self, qids: list[str]) -> None:
-        self._refilling = False
+    def _filled(self, qids: list[str], refilled: bool = True) -> None:
+        if refilled:
+            self._refilling = False
         now = self.reactor.seconds()
         self._ready.extend((now, qid) for qid in qids)
         if self._expiry is None or not self._expiry.active():

@@ -38,7 +38,8 @@ from mailplat.queuenotices import QueueNotices, owes_notice
 from mailplat.dispatch import NO_AGENT, call_agent, route_address
 from mailplat.replies import Reply
 from mailplat.schedule import DueQueue, RetrySchedule
-from mailplat.store import ACTIVE, DEFERRED, HOLD, INCOMING, QueueStore, open_data, remove_files
+from mailplat.store import (ACTIVE, DEFERRED, HOLD, INCOMING, QueueStore, open_data, recycle_files,
+                            remove_files)
 from mailplat.workers import Batcher
 
 log = Logger()
@@ -129,6 +130,9 @@ class QueueManager(QueueCommands, QueueNotices, Service):
         # Unlinks of the data path, off the reactor thread and many per hop (in the disk
         # helper process when the daemon has one: ``run_blocking``).
         self._files = Batcher(run_blocking or store.in_thread)
+        # The spool's DataFilePool, if it takes data files back (server.py): a delivered
+        # message's file is emptied and reused for a new one instead of unlinked.
+        self.data_files: Any = None
         self._forced: dict[str, frozenset[str]] = {}  # flushed ids -> domains (empty: all)
         self._idle_waiters: dict[str, list[Deferred[None]]] = {}
         self.observers: list[Any] = []  # IQueueObservers (plugins), told about every event
@@ -380,6 +384,19 @@ class QueueManager(QueueCommands, QueueNotices, Service):
                 return min(envelope.received_at + warning, expires)
         return expires
 
+    async def _remove(self, qid: str, state: str, unfiled: bool) -> None:
+        """Envelope and data file go; the data file to the spool's pool when it wants one."""
+        removal = self.store.removal(qid, state, not unfiled)
+        spare = self.data_files.spare() if self.data_files is not None else None
+        if spare is None:
+            await self._files.run(remove_files, *removal)
+            return
+        kept = False
+        try:
+            kept = await self._files.run(recycle_files, *removal, self.store.data_path(spare))
+        finally:
+            self.data_files.returned(spare, kept)
+
     def _notify(self, event: str, *args: Any) -> None:
         """Tell observers; they cannot change the outcome, and their failures are only logged."""
         for observer in self.observers:
@@ -392,7 +409,7 @@ class QueueManager(QueueCommands, QueueNotices, Service):
         owes = owes_notice(envelope)
         unfiled = state == INCOMING
         if envelope.finished and not owes:
-            await self._files.run(remove_files, *self.store.removal(qid, state, not unfiled))
+            await self._remove(qid, state, unfiled)
             log.info("{qid}: removed", qid=qid)
             return
         if unfiled:

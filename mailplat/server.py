@@ -114,6 +114,7 @@ class MailServer(ReceptionService):
             schedule=config.retry_schedule, limits=config.concurrency,
             run_blocking=self.disk.run,
         )
+        self.queue.data_files = self.data_files  # delivered messages' files are reused
         self.queue.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.queue.observers.extend(observers(self.plugins))
         for listener in config.listeners:

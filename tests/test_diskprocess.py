@@ -20,6 +20,7 @@ from mailplat import diskprocess
 from mailplat.diskprocess import (THREADS, DiskProcess, DiskProcessLost, answer, idempotent,
                                    serve, urgent)
 from mailplat.spool import sync_file
+from mailplat.store import recycle_files
 
 
 def process_id() -> int:
@@ -113,6 +114,16 @@ class HelperTests(TestCase):
         self.assertIsNone(await self.disk.run(sync_file, path, []))
         with self.assertRaises(FileNotFoundError):
             await self.disk.run(sync_file, path + ".missing", [])
+
+    async def test_recycle_files(self) -> None:
+        """The queue's removal that hands a data file back to the spool, in the helper."""
+        data, spare = self.mktemp(), self.mktemp()
+        with open(data, "wb") as f:
+            f.write(b"delivered message")
+        inode = os.stat(data).st_ino
+        self.assertTrue(await self.disk.run(recycle_files, None, [], data, spare))
+        self.assertFalse(os.path.exists(data))
+        self.assertEqual((os.stat(spare).st_ino, os.path.getsize(spare)), (inode, 0))
 
     async def test_jobs_run_concurrently(self) -> None:
         """Several threads there: four jobs that each wait for the other three all finish

@@ -7,13 +7,14 @@ import os
 from twisted.internet.defer import Deferred, fail
 from zope.interface.verify import verifyObject
 
+from mailplat.datafiles import DataFilePool
 from mailplat.envelope import BOUNCED, DEFERRED, DELIVERED, Recipient
 from mailplat.interfaces import IDeliveryAgent, IRouter, IStoredMessage, Route
 from mailplat.queue import StoredMessage
 from mailplat.replies import LOCAL_ERROR, Reply
 from mailplat.store import ACTIVE, HOLD, INCOMING
 from mailplat.store import DEFERRED as DEFERRED_DIR
-from mailplat.testing import RecordingAgent
+from mailplat.testing import RecordingAgent, run_synchronously
 from tests.queuefixtures import DATA, LATER, NO_USER, OK, QueueTestCase, route
 
 
@@ -37,6 +38,34 @@ class DeliveryTests(QueueTestCase):
         addresses = [r.address for r, _ in delivery.recipients]
         self.assertEqual(addresses, ["b@example.com", "c@example.com"])
         self.assertRaises(FileNotFoundError, self.state_of, env.queue_id)
+        self.assertFalse(os.path.exists(self.store.data_path(env.queue_id)))
+
+    def test_delivered_data_file_goes_back_to_a_busy_spool(self) -> None:
+        """With mail arriving, the spool's pool takes the delivered message's data file back,
+        emptied and under a new queue id; the message itself is gone from the queue."""
+        pool = DataFilePool(self.store, run_synchronously, self.clock)
+        self.queue.data_files = pool
+        pool.take()  # a session began a message: the spool is busy
+        pool.take()
+        made = set(os.listdir(self.store.data_dir))
+        env = self.submit("b@example.com")
+        self.assertRaises(FileNotFoundError, self.state_of, env.queue_id)
+        self.assertFalse(os.path.exists(self.store.data_path(env.queue_id)))
+        [recycled] = set(os.listdir(self.store.data_dir)) - made
+        self.assertEqual(os.path.getsize(self.store.data_path(recycled)), 0)
+        taken = []
+        for _ in range(len(made) + 1):  # the files made ahead first, then the recycled one
+            entry = pool.take()
+            assert entry is not None
+            taken.append(entry[0])
+            entry[1].close()
+        self.assertIn(recycled, taken)
+
+    def test_delivered_data_file_is_unlinked_when_spool_is_quiet(self) -> None:
+        pool = DataFilePool(self.store, run_synchronously, self.clock)
+        self.queue.data_files = pool
+        env = self.submit("b@example.com")
+        self.assertEqual(os.listdir(self.store.data_dir), [])
         self.assertFalse(os.path.exists(self.store.data_path(env.queue_id)))
 
     def test_outcomes_per_recipient(self) -> None:
