@@ -107,7 +107,8 @@ def run_all(
             for server in servers_for(args, round_number):
                 print(f"[{repeat + 1}/{args.repeat}] ({scenario.key}) {scenario.title}: "
                       f"{server.name} ...", file=sys.stderr, flush=True)
-                result = run_scenario(server, scenario, smtp_source, root, args.py_spy)
+                result = run_scenario(server, scenario, smtp_source, root, args.py_spy,
+                                      keep_files=True)
                 result["repeat"] = repeat
                 print("    " + _one_line(result), file=sys.stderr, flush=True)
                 results.append(result)
@@ -136,10 +137,14 @@ def main(argv: list[str] | None = None) -> int:
               "figures say nothing about a disk; pass --workdir", file=sys.stderr)
     root, machine["runs_spread_over_block_groups"] = make_root(workdir)
     started = datetime.datetime.now(datetime.timezone.utc)
+    results: list[dict[str, Any]] = []
     try:
         results = run_all(args, scenarios, smtp_source, root)
     finally:
-        remove_root(root)
+        if results and all(r["ok"] for r in results):
+            remove_root(root)
+        else:
+            print(f"the servers' files and logs are kept in {root}", file=sys.stderr)
     rows = report.summarize(results)
     print(report.table(rows))
     os.makedirs(args.output, exist_ok=True)

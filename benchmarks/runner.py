@@ -38,9 +38,12 @@ class Server(Protocol):
 
 def run_scenario(
     server: Server, scenario: Scenario, smtp_source: str, workdir: str | None = None,
-    profile_dir: str | None = None,
+    profile_dir: str | None = None, keep_files: bool = False,
 ) -> dict[str, Any]:
-    """Start ``server``, run ``scenario`` against it, stop it; the measurements as a dict."""
+    """Start ``server``, run ``scenario`` against it, stop it; the measurements as a dict.
+    ``keep_files``: leave its queue and Maildirs for the caller to remove (run.py removes
+    them all at the end, so that no run shares the disk with the deletion of another's)."""
+    os.sync()  # what earlier runs wrote is on the disk before this one's clock starts
     result: dict[str, Any] = {
         "server": server.name, "scenario": scenario.key, "title": scenario.title,
         "sessions": scenario.sessions, "messages": scenario.messages, "size": scenario.size,
@@ -55,7 +58,7 @@ def run_scenario(
     except Exception as e:  # one broken scenario must not lose the others' results
         result.update(ok=False, error=f"{type(e).__name__}: {e}")
     finally:
-        server.stop()
+        server.stop(keep=keep_files)
     return result
 
 
