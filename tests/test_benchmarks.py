@@ -150,3 +150,26 @@ class ReportTests(SynchronousTestCase):
     def test_toml_is_toml(self) -> None:
         """The mailplat config also parses as plain TOML (no harness-only syntax)."""
         self.assertIn("listener", tomllib.loads(render_config("/b", 1, 2)))
+
+
+class AlternationTests(SynchronousTestCase):
+    def test_each_scenario_swaps_the_order_between_repeats(self) -> None:
+        """With six scenarios (an even number) every scenario still gets each server first
+        in half of the repeats."""
+        from benchmarks import run
+
+        args = run.parse_args(["--compare", "postfix", "--repeat", "4"])
+        scenarios = select("abcdef", False)
+        firsts: dict[str, list[str]] = {}
+
+        def fake_run(server: object, scenario: object, *rest: object, **kw: object) -> dict[str, object]:
+            runs = firsts.setdefault(scenario.key, [])  # type: ignore[attr-defined]
+            runs.append(server.name)  # type: ignore[attr-defined]
+            return {"ok": False, "error": "not run (test)"}
+
+        self.patch(run, "run_scenario", fake_run)
+        run.run_all(args, scenarios, "/usr/sbin/smtp-source", "/tmp/unused")
+        for key, names in firsts.items():
+            first_of_each_repeat = names[0::2]
+            self.assertEqual(sorted(first_of_each_repeat),
+                             ["mailplat", "mailplat", "postfix", "postfix"], key)
