@@ -178,4 +178,9 @@ def _bars(axis: Any, rows: list[dict[str, Any]], scenarios: list[str], metric: s
         values = [(by.get((s, server)) or {}).get(metric) or 0 for s in scenarios]
         xs = [k + (i - (len(servers) - 1) / 2) * width for k in range(len(scenarios))]
         bars = axis.bar(xs, values, width, label=server)
-        axis.bar_label(bars, [f"{v:.3g}" for v in values], fontsize=7)
+        axis.bar_label(bars, [_bar_text(v) for v in values], fontsize=7)
+
+
+def _bar_text(value: float) -> str:
+    """1,512 rather than 1.51e+03: neighbouring bars' labels must not run into each other."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"

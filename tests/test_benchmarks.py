@@ -173,3 +173,11 @@ class AlternationTests(SynchronousTestCase):
             first_of_each_repeat = names[0::2]
             self.assertEqual(sorted(first_of_each_repeat),
                              ["mailplat", "mailplat", "postfix", "postfix"], key)
+
+
+class BarLabelTests(SynchronousTestCase):
+    def test_large_values_are_grouped_small_ones_keep_three_digits(self) -> None:
+        from benchmarks.report import _bar_text
+
+        self.assertEqual([_bar_text(v) for v in (1512.4, 224.1, 93.24, 1.47)],
+                         ["1,512", "224", "93.2", "1.47"])
