@@ -33,7 +33,3 @@ def make_root(workdir: str | None) -> tuple[str, bool]:
                               stderr=subprocess.DEVNULL, check=False)
         spread = done.returncode == 0
     return root, spread
-
-
-def remove_root(root: str) -> None:
-    shutil.rmtree(root, ignore_errors=True)

@@ -61,7 +61,7 @@ class DataFilePool:
     def take(self) -> tuple[str, IO[bytes]] | None:
         """A fresh file from the pool, or None (the caller creates one itself)."""
         now = self.reactor.seconds()
-        busy = now - self._last_take < self.max_age
+        busy = self._mail_arriving(now)
         self._last_take = now
         stale: list[Created] = []
         found = None
@@ -80,8 +80,9 @@ class DataFilePool:
     def spare(self) -> str | None:
         """A new queue id for the data file of a message leaving the queue, when the pool
         wants it back (mail is arriving and there is room); else None: unlink it."""
-        busy = self.reactor.seconds() - self._last_take < self.max_age
-        if not busy or len(self._ready) + self._promised >= self.capacity:
+        if not self._mail_arriving(self.reactor.seconds()):
+            return None
+        if len(self._ready) + self._promised >= self.capacity:
             return None
         self._promised += 1
         return self.store.new_queue_id()
@@ -90,7 +91,11 @@ class DataFilePool:
         """``spare``'s file is back (``kept``: emptied and renamed, ready for use)."""
         self._promised -= 1
         if kept:
-            self._filled([qid], refilled=False)
+            self._add_ready([qid])
+
+    def _mail_arriving(self, now: float) -> bool:
+        """A message began within ``max_age``: files made or kept now will be used."""
+        return now - self._last_take < self.max_age
 
     def _open(self, qid: str) -> tuple[str, IO[bytes]] | None:
         """A file made ahead, opened for writing; None if it is gone."""
@@ -111,9 +116,11 @@ class DataFilePool:
         d = self._run(create_files, [self.store.data_path(qid) for qid in qids])
         d.addCallbacks(lambda made: self._filled(qids[:made]), self._failed)
 
-    def _filled(self, qids: list[str], refilled: bool = True) -> None:
-        if refilled:
-            self._refilling = False
+    def _filled(self, qids: list[str]) -> None:
+        self._refilling = False
+        self._add_ready(qids)
+
+    def _add_ready(self, qids: list[str]) -> None:
         now = self.reactor.seconds()
         self._ready.extend((now, qid) for qid in qids)
         if self._expiry is None or not self._expiry.active():

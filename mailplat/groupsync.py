@@ -21,7 +21,12 @@ from mailplat.workers import RunInThread, thread_runner
 
 def fsync_dir(path: str) -> None:
     """Make the entries (creations, renames, unlinks) of one directory durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fsync_path(path, os.O_DIRECTORY)
+
+
+def fsync_path(path: str, flags: int = 0) -> None:
+    """fsync by path: what another descriptor (or process) wrote becomes durable too."""
+    fd = os.open(path, os.O_RDONLY | flags)
     try:
         os.fsync(fd)
     finally:

@@ -30,6 +30,7 @@ from zope.interface import implementer
 from mailplat import dsn
 from mailplat.addheaders import prefixed
 from mailplat.concurrency import ConcurrencyLimits, Limiter
+from mailplat.datafiles import DataFilePool
 from mailplat.envelope import BOUNCED, DELIVERED, HELD, PENDING, Envelope, Recipient
 from mailplat.envelope import DEFERRED as RCPT_DEFERRED
 from mailplat.interfaces import IDeliveryAgent, IRouter, IStoredMessage, Route
@@ -132,7 +133,7 @@ class QueueManager(QueueCommands, QueueNotices, Service):
         self._files = Batcher(run_blocking or store.in_thread)
         # The spool's DataFilePool, if it takes data files back (server.py): a delivered
         # message's file is emptied and reused for a new one instead of unlinked.
-        self.data_files: Any = None
+        self.data_files: DataFilePool | None = None
         self._forced: dict[str, frozenset[str]] = {}  # flushed ids -> domains (empty: all)
         self._idle_waiters: dict[str, list[Deferred[None]]] = {}
         self.observers: list[Any] = []  # IQueueObservers (plugins), told about every event
@@ -387,15 +388,16 @@ class QueueManager(QueueCommands, QueueNotices, Service):
     async def _remove(self, qid: str, state: str, unfiled: bool) -> None:
         """Envelope and data file go; the data file to the spool's pool when it wants one."""
         removal = self.store.removal(qid, state, not unfiled)
-        spare = self.data_files.spare() if self.data_files is not None else None
-        if spare is None:
+        pool = self.data_files
+        spare = pool.spare() if pool is not None else None
+        if pool is None or spare is None:
             await self._files.run(remove_files, *removal)
             return
         kept = False
         try:
             kept = await self._files.run(recycle_files, *removal, self.store.data_path(spare))
         finally:
-            self.data_files.returned(spare, kept)
+            pool.returned(spare, kept)
 
     def _notify(self, event: str, *args: Any) -> None:
         """Tell observers; they cannot change the outcome, and their failures are only logged."""

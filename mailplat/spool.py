@@ -22,7 +22,7 @@ from zope.interface import implementer
 from mailplat.datafiles import DataFilePool
 from mailplat.diskprocess import idempotent, urgent
 from mailplat.envelope import Envelope, SessionInfo, Transaction
-from mailplat.groupsync import GroupSyncer, RunInThread, fsync_dirs, thread_runner
+from mailplat.groupsync import GroupSyncer, RunInThread, fsync_dirs, fsync_path, thread_runner
 from mailplat.interfaces import IIncomingMessage, IMessageSink, SpoolError
 from mailplat.replies import LOCAL_ERROR, SPOOL_FULL, Reply
 from mailplat.store import QueueStore, envelope_trailer, is_disk_full
@@ -262,11 +262,7 @@ def _store_files(data: IO[bytes], envelope: Envelope, dirs: list[str]) -> None:
 def sync_file(path: str, dirs: list[str]) -> None:
     """Blocking: fsync a file written and closed by another (the reactor, in the daemon's
     process: fsync makes an inode's data durable whoever wrote it), then the directories."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path)
     fsync_dirs(dirs)
 
 
