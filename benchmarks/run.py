@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make "benchmarks" and "mailpla
 
 from benchmarks import report  # noqa: E402
 from benchmarks.load import find_smtp_source  # noqa: E402
-from benchmarks.mailplat_setup import REPO, MailplatServer  # noqa: E402
+from benchmarks.mailplat_setup import REPO, MailplatServer, build_compiled_parts  # noqa: E402
 from benchmarks.measure import raise_fd_limit  # noqa: E402
 from benchmarks.postfix_setup import POSTFIX, PostfixServer  # noqa: E402
 from benchmarks.runner import run_scenario  # noqa: E402
@@ -70,6 +70,9 @@ def preflight(args: argparse.Namespace) -> str:
                              "    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y postfix")
         if os.geteuid() != 0:
             raise SystemExit("--compare postfix must run as root (postfix start needs it)")
+    for checkout in (args.source, args.baseline):
+        if checkout:
+            build_compiled_parts(os.path.abspath(checkout))
     limit = raise_fd_limit()
     if limit < 2500:
         print(f"warning: only {limit} file descriptors; scenario (f) needs > 2000", file=sys.stderr)

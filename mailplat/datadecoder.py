@@ -1,17 +1,18 @@
 """Streaming decoders for message data: DATA's dot-terminated text and BDAT's counted chunks.
 
-They work on whole chunks with bytes methods (find, count, replace) rather than a Python loop
-per line, so large bodies move at memory speed. The end of DATA is exactly CRLF.CRLF: a bare LF
-or bare CR never ends a line (the SMTP-smuggling family, CVE-2023-51764), and a message that
-contains one is read to its real end and then rejected (see ``LineChecker``).
+They work on whole chunks (mailplat.linescan's compiled scans, bytes methods) rather than a
+Python loop per line, so large bodies move at memory speed. The end of DATA is exactly
+CRLF.CRLF: a bare LF or bare CR never ends a line (the SMTP-smuggling family, CVE-2023-51764),
+and a message that contains one is read to its real end and then rejected (see ``LineChecker``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from mailplat import linescan
+
 END_OF_DATA = b"\r\n.\r\n"
-MAX_LINE = 1000  # RFC 5321 §4.5.3.1.6: text line, CRLF included
 
 
 
@@ -32,51 +33,15 @@ class LineChecker:
     def feed(self, raw: bytes) -> None:
         if not raw or (self.bare_newline and self.overlong):
             return
-        self._check_newlines(raw)
-        self._check_lengths(raw)
-
-    def _check_newlines(self, raw: bytes) -> None:
-        crlf = raw.count(b"\r\n")
-        lone_lf = raw.count(b"\n") - crlf
-        lone_cr = raw.count(b"\r") - crlf
-        if self._pending_cr:
-            if raw[:1] == b"\n":
-                lone_lf -= 1  # the LF completes the CR left over from the previous chunk
-            else:
-                lone_cr += 1
-        self._pending_cr = raw[-1:] == b"\r"
-        if self._pending_cr:
-            lone_cr -= 1  # judged with the next chunk
-        if lone_lf or lone_cr:
+        bare, overlong, self._line_length, self._pending_cr = linescan.check(
+            raw, self._line_length, self._pending_cr
+        )
+        if bare:
             self.bare_newline = True
             self.problem = self.problem or "bare CR or LF in message data"
-
-    def _check_lengths(self, raw: bytes) -> None:
-        first_lf = raw.find(b"\n")
-        head = len(raw) if first_lf < 0 else first_lf
-        if self._line_length + head >= MAX_LINE or _has_long_line(raw):
+        if overlong:
             self.overlong = True
             self.problem = self.problem or "message line longer than 1000 octets"
-        last_lf = raw.rfind(b"\n")
-        if last_lf < 0:
-            self._line_length += len(raw)
-        else:
-            self._line_length = len(raw) - last_lf - 1
-
-
-def _has_long_line(raw: bytes) -> bool:
-    """Whether the chunk holds MAX_LINE bytes without an LF. Each step jumps to the last LF
-    of the next MAX_LINE bytes (memrchr in C), so an ordinary chunk costs a few dozen calls
-    and no allocation, where splitting it into lines would make one object per line."""
-    start = 0
-    for _ in range(len(raw)):  # bounded; each round moves start forward by at least one
-        if start + MAX_LINE > len(raw):
-            return False
-        last_lf = raw.rfind(b"\n", start, start + MAX_LINE)
-        if last_lf < 0:
-            return True
-        start = last_lf + 1
-    return False
 
 
 class DotDecoder:
@@ -99,7 +64,7 @@ class DotDecoder:
         buffer = self._buffer + chunk
         # Both the end of data and every stuffed dot start with CRLF "."; one search finds
         # out whether either is here at all (in bulk data usually not).
-        first = buffer.find(b"\r\n.")
+        first = linescan.find_line_dot(buffer)
         end = buffer.find(END_OF_DATA, first) if first >= 0 else -1
         if end >= 0:
             self._emit(buffer[: end + 2], stuffed=first < end)
