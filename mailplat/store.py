@@ -376,7 +376,7 @@ def recycle_files(expected: str | None, envelopes: list[str], data: str, spare: 
     deletes it like any data file that was never committed."""
     _remove_envelope(expected, envelopes)
     try:
-        os.truncate(data, 0)
+        _empty(data)
     except FileNotFoundError:
         return os.path.exists(spare)  # run a second time (its helper died): already done
     try:
@@ -385,6 +385,18 @@ def recycle_files(expected: str | None, envelopes: list[str], data: str, spare: 
     except OSError:
         _unlink_quietly(data)
         return False
+
+
+def _empty(path: str) -> None:
+    """Truncate through a descriptor of our own, not by path: ext4 marks a file truncated to
+    zero for a flush at its next close (auto_da_alloc), and this close takes the mark here,
+    where it costs nothing. By path, the mark waited for the reactor's close after the next
+    message was written, and cost it about 25 microseconds of writeback per message."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
 
 
 def _remove_envelope(expected: str | None, envelopes: list[str]) -> None:
