@@ -29,6 +29,10 @@ _ATEXT_ASCII = frozenset(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+-/=?^_`{|}~"
 )
 _LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?", re.ASCII)
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_ATOM = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
+# The path nearly every client sends: <dot-atom@ldh.domain>, ASCII, then nothing or a space.
+_PLAIN_PATH = re.compile(rf"<({_ATOM}(?:\.{_ATOM})*)@({_LABEL}(?:\.{_LABEL})*)>(?= |\Z)", re.ASCII)
 _IPV4 = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}", re.ASCII)
 _IPV6 = re.compile(r"[0-9A-Fa-f:.]+", re.ASCII)
 # Never valid anywhere in a path, not even quoted: controls (C0, DEL, C1) and lone surrogates
@@ -119,7 +123,30 @@ def is_dot_string(local: str) -> bool:
 
 def _parse_path(text: str, null_ok: bool, postmaster_ok: bool) -> tuple[Mailbox | None, str]:
     """Split off the bracketed path, then parse its route and mailbox."""
-    path, rest = _split_path(text.lstrip(" \t"))
+    text = text.lstrip(" \t")
+    plain = _parse_plain_path(text)
+    if plain is not None:
+        return plain
+    return _parse_any_path(text, null_ok, postmaster_ok)
+
+
+def _parse_plain_path(text: str) -> tuple[Mailbox, str] | None:
+    """The common case in one regular expression, where the general parser walks the path
+    character by character (a tenth of the reactor's time per message went to the two paths
+    of a transaction). None for anything else, or anything near a length limit: the general
+    parser then decides, and words the refusal. tests/test_address.py holds the two equal."""
+    match = _PLAIN_PATH.match(text)
+    if match is None:
+        return None
+    local, domain = match.groups()
+    if (match.end() > MAX_PATH or len(local) > MAX_LOCAL_PART or len(domain) > MAX_DOMAIN
+            or any(len(label) > MAX_LABEL for label in domain.split("."))):
+        return None
+    return Mailbox(local, domain.lower()), text[match.end():].strip(" ")
+
+
+def _parse_any_path(text: str, null_ok: bool, postmaster_ok: bool) -> tuple[Mailbox | None, str]:
+    path, rest = _split_path(text)
     _reject_forbidden(path)
     if len(path.encode("utf-8")) > MAX_PATH:
         raise _Invalid("path too long")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailplat import address as address_module
 from mailplat.address import (
     AddressError,
     Mailbox,
@@ -347,3 +348,39 @@ class PropertyTests(SynchronousTestCase):
                 parse(text)
             except AddressError as error:
                 _check_error(self, error)
+
+
+class PlainPathTests(SynchronousTestCase):
+    """The regular-expression shortcut for plain paths gives what the general parser gives."""
+
+    def general(self, text: str, null_ok: bool, postmaster_ok: bool) -> object:
+        try:
+            return address_module._parse_any_path(text.lstrip(" \t"), null_ok, postmaster_ok)
+        except address_module._Invalid:
+            return "invalid"
+
+    def both(self, text: str) -> None:
+        for null_ok, postmaster_ok in ((True, False), (False, True)):
+            plain = address_module._parse_plain_path(text.lstrip(" \t"))
+            if plain is not None:
+                self.assertEqual(plain, self.general(text, null_ok, postmaster_ok), text)
+
+    @settings(max_examples=500)
+    @given(st.text(st.sampled_from('<>@"\\.-aZ09%!=+ \té\n'), max_size=30))
+    def test_path_like_text(self, text: str) -> None:
+        self.both(text)
+
+    @given(DOT_STRING, NAME, st.sampled_from(["", " SIZE=10", "  X=1 ", "\n", " "]))
+    def test_generated_paths(self, local: str, domain: str, rest: str) -> None:
+        self.both(f"<{local}@{domain}>{rest}")
+
+    def test_limits_left_to_the_general_parser(self) -> None:
+        """At a length limit the shortcut steps aside, so the refusal is the general one."""
+        for text in (f"<{'a' * 65}@example.com>", f"<a@{'b' * 64}.com>",
+                     f"<a@{'.'.join(['b' * 60] * 5)}>"):
+            self.assertIsNone(address_module._parse_plain_path(text))
+            self.assertRaises(AddressError, parse_forward_path, text)
+
+    def test_taken_for_the_usual_path(self) -> None:
+        self.assertEqual(address_module._parse_plain_path("<Bob.Smith@Example.COM> SIZE=5"),
+                         (Mailbox("Bob.Smith", "example.com"), "SIZE=5"))
