@@ -48,7 +48,10 @@ def local_part_problem(local: str) -> str | None:
         return "starts with '.'"
     if "/" in local or "\\" in local:
         return "contains a path separator"
-    if any(unicodedata.category(char) in ("Cc", "Cs", "Zl", "Zp") for char in local):
+    # (Those categories are never printable: the common printable name skips the walk.)
+    if not local.isprintable() and any(
+        unicodedata.category(char) in ("Cc", "Cs", "Zl", "Zp") for char in local
+    ):
         return "contains a control character"
     if len(local.encode("utf-8", "surrogatepass")) > _NAME_MAX:
         return "is too long"

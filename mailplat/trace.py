@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from email.utils import formatdate
 
 from mailplat.envelope import SessionInfo
@@ -35,10 +36,21 @@ def received_header(
     if len(recipients) == 1:
         lines.append(f"\tfor <{_clean(recipients[0])}>")
     lines[-1] += ";"
-    lines.append(f"\t{formatdate(now, localtime=False, usegmt=False)}")
+    lines.append(f"\t{_date(int(now))}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+@functools.lru_cache(maxsize=2)
+def _date(second: int) -> str:
+    """RFC 5322 date of a whole second: one formatting per second, not per message."""
+    return formatdate(second, localtime=False, usegmt=False)
+
+
+_STRUCTURAL = str.maketrans("", "", "()<>;\\")
 
 
 def _clean(text: str) -> str:
     """Keep client-supplied text from breaking the header's structure."""
-    return "".join(ch for ch in text if ch.isprintable() and ch not in "()<>;\\")[:255]
+    if not text.isprintable():
+        text = "".join(ch for ch in text if ch.isprintable())
+    return text.translate(_STRUCTURAL)[:255]
