@@ -29,6 +29,7 @@ from mailplat.configvalues import (
 # Re-exported: other modules reach these through the config module.
 from mailplat.configvalues import parse_duration as parse_duration
 from mailplat.configvalues import parse_size as parse_size
+from mailplat.cpuplacement import MODES
 from mailplat.configvalues import PROFILES as PROFILES
 from mailplat.configvalues import client_endpoint_problem as client_endpoint_problem
 from mailplat.configvalues import endpoint_problem as endpoint_problem
@@ -122,6 +123,7 @@ class Config:
     control_socket: str = ""
     sync_directories: bool | str = "auto"  # mailplat.durability
     receivers: int = 0  # extra processes taking SMTP sessions (mailplat.receivers)
+    reactor_affinity: str = "auto"  # mailplat.cpuplacement
 
 
 # ---------------------------------------------------------------- the schema and its extensions
@@ -129,7 +131,7 @@ class Config:
 _KNOWN: dict[str, set[str]] = {
     # "agent" holds one [agent.NAME] table per delivery agent, checked by that agent's plugin.
     "": {"hostname", "data_dir", "queue", "limits", "maildir", "relay", "listener", "domains",
-         "agent", "receivers"},
+         "agent", "receivers", "reactor_affinity"},
     "queue": {"dir", "retry_delay", "max_lifetime", "max_retry_delay", "retry_backoff",
               "retry_jitter", "delay_warning", "agent_concurrency", "destination_concurrency",
               "active_limit", "bounce_size_limit", "control_socket", "sync_directories"},
@@ -252,6 +254,7 @@ def _build(raw: dict[str, Any], check: _Checker) -> Config:
         raw=raw,
         source=check.source,
         receivers=check.get(raw, (), "receivers", _receivers, 0),
+        reactor_affinity=check.get(raw, (), "reactor_affinity", _reactor_affinity, "auto"),
         **queue_options(queue, check, data_dir, retry_delay, max_lifetime),
     )
 
@@ -260,6 +263,12 @@ def _receivers(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 64:
         raise ValueError(f"{value!r} is not a number of processes from 0 to 64")
     return value
+
+
+def _reactor_affinity(value: object) -> str:
+    if value not in MODES:
+        raise ValueError(f"{value!r} is not one of " + ", ".join(f'"{m}"' for m in MODES))
+    return str(value)
 
 
 def _listeners(raw: Mapping[str, Any], check: _Checker) -> tuple[ListenerConfig, ...]:

@@ -18,8 +18,10 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     """Load the config and assemble the server; a bad config stops twistd with its problems."""
     from twisted.internet import reactor
+    from twisted.logger import Logger
 
     from mailplat.config import ConfigError, load_config
+    from mailplat.cpuplacement import format_cpu_list, place_reactor
     from mailplat.server import build_server
 
     try:
@@ -28,4 +30,12 @@ def makeService(options: Options) -> IService:
         raise usage.UsageError(
             "invalid configuration:\n" + "\n".join(str(p) for p in e.problems)
         ) from None
+    # With receivers, sessions run in several processes that the kernel spreads itself.
+    mode = config.reactor_affinity if config.receivers == 0 else "none"
+    placed = place_reactor(config.queue_dir, mode)
+    if placed is not None:
+        Logger(namespace="mailplat.tap").info(
+            "reactor kept to CPUs {chosen} of {allowed}: the queue disk's interrupts go to "
+            "the others (reactor_affinity = \"none\" leaves it to the kernel)",
+            chosen=format_cpu_list(placed[1]), allowed=format_cpu_list(placed[0]))
     return build_server(config, reactor, offload_logs=True)
