@@ -91,4 +91,10 @@ class BuildTests(SynchronousTestCase):
         would leave the compiled code untested."""
         if os.environ.get("CI") != "true":
             self.skipTest("only CI (CI=true) promises a C compiler")
-        self.assertTrue(linescan.COMPILED, "mailplat._linescan did not build; see pip's output")
+        self.assertTrue(
+            linescan.COMPILED,
+            f"mailplat._linescan is not importable beside {linescan.__file__}: either it did not"
+            " build (see pip's output) or it was built elsewhere (a non-editable install puts it"
+            " in site-packages, which the checkout's own mailplat/ shadows; README.rst's test"
+            " command installs in editable compat mode for this reason)",
+        )
