@@ -42,7 +42,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailplat.cpuplacement import restore_helper_cpus
+from mailplat.cpuplacement import place_helper
 from mailplat.workers import RunInThread, thread_runner
 
 log = Logger()
@@ -371,7 +371,7 @@ def start_workers(sock: socket.socket, threads: int, name: str = "disk") -> list
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon says when to stop (end of input)
-    restore_helper_cpus()  # near the disk's interrupts suits the thread that waits for them
+    place_helper()  # off the reactor's CPU, near the disk's interrupts
     for worker in [*start_workers(socket.socket(fileno=CHANNEL_FD), THREADS),
                    *start_workers(socket.socket(fileno=URGENT_FD), URGENT_THREADS, "urgent")]:
         worker.join()

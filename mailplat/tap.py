@@ -35,7 +35,10 @@ def makeService(options: Options) -> IService:
     placed = place_reactor(config.queue_dir, mode)
     if placed is not None:
         Logger(namespace="mailplat.tap").info(
-            "reactor kept to CPUs {chosen} of {allowed}: the queue disk's interrupts go to "
-            "the others (reactor_affinity = \"none\" leaves it to the kernel)",
-            chosen=format_cpu_list(placed[1]), allowed=format_cpu_list(placed[0]))
+            "reactor kept to CPU {reactor} and the disk helper to CPUs {helper} (of "
+            "{allowed}): the queue disk's interrupts go to {interrupts} "
+            "(reactor_affinity = \"none\" leaves it to the kernel)",
+            reactor=format_cpu_list(placed.reactor), helper=format_cpu_list(placed.helper),
+            allowed=format_cpu_list(placed.allowed),
+            interrupts=format_cpu_list(placed.interrupts))
     return build_server(config, reactor, offload_logs=True)

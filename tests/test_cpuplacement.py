@@ -137,39 +137,52 @@ class ThisMachineTests(SynchronousTestCase):
     def test_auto(self) -> None:
         path = os.path.abspath(self.mktemp())
         os.makedirs(path)
-        expected = cpus_for_reactor(path, os.sched_getaffinity(0))
+        allowed = os.sched_getaffinity(0)
+        quiet = cpus_for_reactor(path, allowed)
         result = _run_child(path, "auto")
-        if expected is None:
+        if quiet is None:
             self.assertIsNone(result["placed"])
             self.assertEqual(result["after"], result["before"])
         else:
-            self.assertEqual(result["after"], sorted(expected))
-            self.assertEqual(result["placed"], [result["before"], sorted(expected)])
-            self.assertEqual(result["env"], format_cpu_list(result["before"]))  # type: ignore[arg-type]
+            # One CPU without the disk's interrupts for the reactor, the rest for the helper.
+            reactor, helper = [min(quiet)], sorted(allowed - {min(quiet)})
+            self.assertEqual(result["after"], reactor)
+            self.assertEqual(result["placed"], [sorted(allowed), reactor, helper,
+                                                sorted(allowed - quiet)])
+            self.assertEqual(result["env"], format_cpu_list(helper))
 
     def test_none_leaves_it_to_the_kernel(self) -> None:
         result = _run_child(os.path.abspath("."), "none")
         self.assertIsNone(result["placed"])
         self.assertEqual(result["after"], result["before"])
 
-    def test_helper_goes_back_to_every_cpu(self) -> None:
-        """The disk helper undoes the placement it inherited."""
+    def test_helper_takes_the_cpus_left_for_it(self) -> None:
+        """The disk helper leaves the reactor's CPU it inherited for the ones named for it."""
         allowed = os.sched_getaffinity(0)
         if len(allowed) < 2:
             raise SkipTest("one CPU: nothing to place")
         first = min(allowed)
         code = ("import os; os.sched_setaffinity(0, {%d}); "
-                "from mailplat.cpuplacement import restore_helper_cpus; restore_helper_cpus(); "
+                "from mailplat.cpuplacement import place_helper; place_helper(); "
                 "print(sorted(os.sched_getaffinity(0)))" % first)
-        env = dict(os.environ, **{cpuplacement.HELPER_CPUS: format_cpu_list(allowed)})
+        env = dict(os.environ, **{cpuplacement.HELPER_CPUS: format_cpu_list(allowed - {first})})
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               timeout=60, env=env, check=True)
-        self.assertEqual(done.stdout.strip(), str(sorted(allowed)))
+        self.assertEqual(done.stdout.strip(), str(sorted(allowed - {first})))
+
+    def test_helper_without_a_share_stays(self) -> None:
+        """Started by a daemon that did not place its reactor: nothing to do."""
+        code = ("import os; from mailplat.cpuplacement import place_helper; place_helper(); "
+                "print(sorted(os.sched_getaffinity(0)))")
+        env = {k: v for k, v in os.environ.items() if k != cpuplacement.HELPER_CPUS}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=60, env=env, check=True)
+        self.assertEqual(done.stdout.strip(), str(sorted(os.sched_getaffinity(0))))
 
 
 class DaemonPlacementTests(SynchronousTestCase):
-    """``twistd mailplat``: its main thread keeps to the CPUs chosen for this machine, says
-    so in its log, and its disk helper may use every CPU."""
+    """``twistd mailplat``: its main thread keeps to the CPU chosen for this machine, says
+    so in its log, and its disk helper to the other CPUs."""
 
     def test_daemon(self) -> None:
         from tests.daemon import Daemon, wait_until
@@ -182,14 +195,19 @@ class DaemonPlacementTests(SynchronousTestCase):
         assert daemon.process is not None
         pid = daemon.process.pid
         allowed = os.sched_getaffinity(0)
-        expected = cpus_for_reactor(daemon.data_dir, allowed) or allowed
-        self.assertEqual(os.sched_getaffinity(pid), expected)
-        if expected != allowed:
-            self.assertIn("reactor kept to CPUs " + format_cpu_list(expected), daemon.log())
-            [helper] = wait_until(lambda: _children(pid), 10, "the disk helper")
-            wait_until(lambda: os.sched_getaffinity(helper) == allowed, 10, "the helper's CPUs")
-        else:
-            self.assertNotIn("reactor kept to CPUs", daemon.log())
+        quiet = cpus_for_reactor(daemon.data_dir, allowed)
+        if quiet is None:
+            self.assertEqual(os.sched_getaffinity(pid), allowed)
+            self.assertNotIn("reactor kept to CPU", daemon.log())
+            return
+        reactor = {min(quiet)}
+        self.assertEqual(os.sched_getaffinity(pid), reactor)
+        self.assertIn(f"reactor kept to CPU {min(quiet)} and the disk helper to CPUs "
+                      f"{format_cpu_list(allowed - reactor)} (of {format_cpu_list(allowed)})",
+                      daemon.log())
+        [helper] = wait_until(lambda: _children(pid), 10, "the disk helper")
+        wait_until(lambda: os.sched_getaffinity(helper) == allowed - reactor, 10,
+                   "the helper's CPUs")
 
 
 def _children(pid: int) -> list[int]:
