@@ -46,6 +46,11 @@ from mailplat.workers import Batcher
 log = Logger()
 
 WAITING = (PENDING, RCPT_DEFERRED, HELD)
+# How long the daemon lets a delivered message's removal wait for others to share its hop to
+# the disk helper: with mail arriving one message at a time (a lone session), each removal
+# would otherwise pay a hop of its own (docs/performance.rst, "Fifth round"). Nobody waits
+# for a removal; a crash before it only means the message is delivered again.
+REMOVAL_GATHER = 0.005
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,7 @@ class QueueManager(QueueCommands, QueueNotices, Service):
         limits: ConcurrencyLimits | None = None,
         notifier: dsn.Notifier | None = None,
         run_blocking: Any = None,
+        removal_gather: float = 0.0,
     ) -> None:
         self.store = store
         self.router = router
@@ -129,8 +135,9 @@ class QueueManager(QueueCommands, QueueNotices, Service):
         self.due = DueQueue(reactor, self._start, self._has_room)
         self._busy: set[str] = set()  # queue ids with an attempt in flight
         # Unlinks of the data path, off the reactor thread and many per hop (in the disk
-        # helper process when the daemon has one: ``run_blocking``).
-        self._files = Batcher(run_blocking or store.in_thread)
+        # helper process when the daemon has one: ``run_blocking``). ``removal_gather``: how
+        # long a removal waits for others to share its hop (see REMOVAL_GATHER).
+        self._files = Batcher(run_blocking or store.in_thread, reactor, gather=removal_gather)
         # The spool's DataFilePool, if it takes data files back (server.py): a delivered
         # message's file is emptied and reused for a new one instead of unlinked.
         self.data_files: DataFilePool | None = None
@@ -177,6 +184,7 @@ class QueueManager(QueueCommands, QueueNotices, Service):
         """Stop the clock; in-flight attempts finish, their messages are persisted as usual."""
         super().stopService()  # type: ignore[no-untyped-call]
         self.due.stop()
+        self._files.flush()  # gathered removals go before the disk helper stops
 
     # -- scheduling ---------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from mailplat.hooks import PluginService, build_chain, load_plugins, make_contex
 from mailplat.odmr_hold import odmr_router
 from mailplat.policy import DefaultPolicy
 from mailplat.privileges import adopt_data_dir
-from mailplat.queue import QueueManager
+from mailplat.queue import REMOVAL_GATHER, QueueManager
 from mailplat.receivers import Receivers
 from mailplat.routeconfig import outbound_settings
 from mailplat.routing import LocalRouter
@@ -112,7 +112,7 @@ class MailServer(ReceptionService):
             self.store, self.router, self.agents, reactor,
             retry_delay=config.retry_delay, max_lifetime=config.max_lifetime,
             schedule=config.retry_schedule, limits=config.concurrency,
-            run_blocking=self.disk.run,
+            run_blocking=self.disk.run, removal_gather=REMOVAL_GATHER,
         )
         self.queue.data_files = self.data_files  # delivered messages' files are reused
         self.queue.setServiceParent(self)  # type: ignore[no-untyped-call]

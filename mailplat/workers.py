@@ -129,23 +129,47 @@ class Batcher:
     not make it; but a thread hop per rename costs more than the rename. Jobs queued while a
     batch runs go together in the next one. Jobs run one at a time in the order they were
     given, so two jobs on the same queue entry never race.
+
+    With ``gather`` (seconds, and a ``reactor`` for the timer), a job that finds nothing
+    running waits that long for company before its hop goes, unless ``most`` jobs are
+    waiting by then: for work nobody waits on, such as removing delivered messages, when
+    mail comes one message at a time and no batch would otherwise form. ``flush`` sends
+    what waits at once (before the helper stops).
     """
 
-    def __init__(self, runInThread: RunInThread) -> None:
+    def __init__(self, runInThread: RunInThread, reactor: Any = None, gather: float = 0.0,
+                 most: int = 64) -> None:
         self._run = runInThread
         self._jobs: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
         self._running = False
+        self._reactor = reactor
+        self._gather = gather if reactor is not None else 0.0
+        self._most = most
+        self._timer: Any = None  # the IDelayedCall of a gathering batch
         self.batches = 0  # how many hops ran; lets tests see the sharing
 
     def run(self, f: Callable[..., T], *args: Any) -> "Deferred[T]":
         """Fire with ``f(*args)``, computed in a thread, or with its exception."""
         waiter: Deferred[T] = Deferred()
         self._jobs.append((f, args, waiter))
-        if not self._running:
+        if self._running:
+            return waiter
+        if self._timer is None and self._gather > 0 and len(self._jobs) < self._most:
+            self._timer = self._reactor.callLater(self._gather, self._start_batch)
+        elif self._timer is None or len(self._jobs) >= self._most:
             self._start_batch()
         return waiter
 
+    def flush(self) -> None:
+        """Start the gathering batch now (nothing happens if one is running or none waits)."""
+        if self._timer is not None:
+            self._start_batch()
+
     def _start_batch(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
         jobs, self._jobs = self._jobs, []
         self._running = True
         self.batches += 1
@@ -161,8 +185,8 @@ class Batcher:
                 waiter.errback(results[index].failure)
             else:
                 waiter.callback(results[index])
-        if self._jobs and not self._running:
-            self._start_batch()
+        if self._jobs and not self._running and self._timer is None:
+            self._start_batch()  # they have waited for a whole batch already
 
 
 def _run_jobs(jobs: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> list[Any]:

@@ -10,7 +10,7 @@ from zope.interface.verify import verifyObject
 from mailplat.datafiles import DataFilePool
 from mailplat.envelope import BOUNCED, DEFERRED, DELIVERED, Recipient
 from mailplat.interfaces import IDeliveryAgent, IRouter, IStoredMessage, Route
-from mailplat.queue import StoredMessage
+from mailplat.queue import QueueManager, StoredMessage
 from mailplat.replies import LOCAL_ERROR, Reply
 from mailplat.store import ACTIVE, HOLD, INCOMING
 from mailplat.store import DEFERRED as DEFERRED_DIR
@@ -221,6 +221,46 @@ class DeliveryTests(QueueTestCase):
         self.assertTrue(self.successResultOf(self.queue.release(env.queue_id)))
         self.clock.advance(0)
         self.assertRaises(FileNotFoundError, self.state_of, env.queue_id)
+
+
+class GatheredRemovalTests(QueueTestCase):
+    """``removal_gather`` (the daemon's REMOVAL_GATHER): delivered messages' removals wait a
+    moment to share one hop to the disk, and a stopping queue sends them at once."""
+
+    def make_queue(self) -> QueueManager:
+        self.hops: list[int] = []
+
+        def run_blocking(f: object, *args: object) -> "Deferred[object]":
+            self.hops.append(len(args[0]))  # type: ignore[arg-type]  # Batcher's job list
+            return run_synchronously(f, *args)  # type: ignore[arg-type]
+
+        return QueueManager(self.store, self.router, {"recording": self.agent}, self.clock,
+                            schedule=self.schedule, run_blocking=run_blocking,
+                            removal_gather=0.005)
+
+    def test_removals_share_one_hop(self) -> None:
+        self.queue.startService()
+        envs = [self.put(INCOMING, f"u{n}@example.com") for n in range(3)]
+        attempts = [self.queue.submit(env) for env in envs]
+        self.assertEqual(len(self.agent.deliveries), 3)  # delivered at once ...
+        for env in envs:  # ... removed only when the window closes
+            self.assertTrue(os.path.exists(self.store.data_path(env.queue_id)))
+            self.assertNoResult(attempts[envs.index(env)])
+        self.clock.advance(0.005)
+        self.assertEqual(self.hops, [3])
+        for env, attempt in zip(envs, attempts):
+            self.successResultOf(attempt)
+            self.assertFalse(os.path.exists(self.store.data_path(env.queue_id)))
+            self.assertRaises(FileNotFoundError, self.state_of, env.queue_id)
+
+    def test_stopping_sends_the_gathered_removals(self) -> None:
+        self.queue.startService()
+        env = self.put(INCOMING, "b@example.com")
+        attempt = self.queue.submit(env)
+        self.queue.stopService()
+        self.successResultOf(attempt)
+        self.assertEqual(self.hops, [1])
+        self.assertFalse(os.path.exists(self.store.data_path(env.queue_id)))
 
 
 class RecoveryTests(QueueTestCase):

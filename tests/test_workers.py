@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import threading
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailplat.testing import ManualThreads
@@ -48,6 +49,52 @@ class BatcherTests(SynchronousTestCase):
         self.threads.run_all()
         self.assertEqual(self.failureResultOf(bad, OSError).value.errno, errno.EIO)
         self.assertEqual(self.successResultOf(good), "ok")
+
+
+class GatheringBatcherTests(SynchronousTestCase):
+    """With ``gather``, a job that finds nothing running waits for company."""
+
+    def setUp(self) -> None:
+        self.threads = ManualThreads()
+        self.clock = Clock()
+        self.batcher = Batcher(self.threads, self.clock, gather=0.005, most=3)
+
+    def test_jobs_within_the_window_share_one_hop(self) -> None:
+        log: list[int] = []
+        ds = [self.batcher.run(log.append, n) for n in (1, 2)]
+        self.clock.advance(0.004)
+        self.assertEqual(self.threads.pending, 0)
+        self.clock.advance(0.001)
+        self.assertEqual(self.threads.pending, 1)
+        self.threads.run_next()
+        for d in ds:
+            self.successResultOf(d)
+        self.assertEqual((log, self.batcher.batches), ([1, 2], 1))
+
+    def test_enough_jobs_go_at_once(self) -> None:
+        """``most`` jobs waiting do not wait for the timer, which is cancelled."""
+        for n in range(3):
+            self.batcher.run(lambda: None)
+        self.assertEqual(self.threads.pending, 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_jobs_behind_a_running_batch_follow_it_at_once(self) -> None:
+        self.batcher.run(lambda: None)
+        self.clock.advance(0.005)
+        later = self.batcher.run(lambda: "later")
+        self.threads.run_next()
+        self.assertEqual(self.threads.pending, 1)  # no second wait
+        self.threads.run_next()
+        self.assertEqual(self.successResultOf(later), "later")
+
+    def test_flush_sends_what_waits(self) -> None:
+        d = self.batcher.run(lambda: "now")
+        self.batcher.flush()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.threads.run_next()
+        self.assertEqual(self.successResultOf(d), "now")
+        self.batcher.flush()  # nothing waits: nothing happens
+        self.assertEqual((self.threads.pending, self.batcher.batches), (0, 1))
 
 
 class ThreadRunnerTests(TestCase):
