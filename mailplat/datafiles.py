@@ -22,14 +22,13 @@ id, taken from the creation time, should tell when the message came) and are del
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from typing import IO, Any
 
 from twisted.logger import Logger
 
-from mailplat.diskprocess import idempotent
 from mailplat.groupsync import RunInThread
+from mailplat.queuefiles import create_files, unlink_files
 from mailplat.store import QueueStore
 
 log = Logger()
@@ -150,30 +149,6 @@ class DataFilePool:
             self._expiry.cancel()
         stale, self._ready = list(self._ready), deque()
         unlink_files([self.store.data_path(qid) for _, qid in stale])
-
-
-@idempotent
-def create_files(paths: list[str]) -> int:
-    """Blocking (in the disk helper): create these files, empty, mode 0600, never reusing
-    one that exists; how many were made, in order, before an error (none: the error)."""
-    for made, path in enumerate(paths):
-        try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        except OSError:
-            if not made:
-                raise
-            return made
-    return len(paths)
-
-
-@idempotent
-def unlink_files(paths: list[str]) -> None:
-    """Blocking: delete files that were never used (already gone is fine)."""
-    for path in paths:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
 
 
 __all__ = ["DataFilePool"]

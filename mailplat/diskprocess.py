@@ -14,7 +14,7 @@ or writer thread in between), and the reactor pays one ``send`` per job. Jobs a 
 for (``urgent``: the commit's fsync before its 250) have a socket and four threads of their
 own, so that they never queue behind the Maildir copies on the other eight.
 
-The helper starts after twistd drops privileges (``startService``), so it runs as the
+The helper's own end is ``diskhelper.py``, which imports no Twisted. The helper starts after twistd drops privileges (``startService``), so it runs as the
 daemon's user. If it dies, a job in flight that may simply run again (``idempotent``: the
 commit's fsync, unlinks, file creation) runs again on a thread; any other (a Maildir copy)
 fails with ``DiskProcessLost``, an OSError, and the queue retries it; another helper is
@@ -29,10 +29,8 @@ import collections
 import errno
 import os
 import pickle
-import signal
 import socket
 import sys
-import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -42,40 +40,19 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailplat.cpuplacement import place_helper
+# The helper's end, and the job markers that modules of job functions import from there.
+from mailplat.diskhelper import CHANNEL_FD, MAX_PACKET, URGENT_FD
 from mailplat.workers import RunInThread, thread_runner
 
 log = Logger()
 T = TypeVar("T")
 
-THREADS = 8  # concurrent fsyncs share journal commits; these threads' GIL is not the reactor's
-MAX_PACKET = 1 << 18  # an envelope with thousands of recipients; larger jobs stay on threads
 SOCKET_BUFFER = 1 << 22  # room for a backlog of jobs before send() would block
 RESTART_DELAY = 1.0
-CHANNEL_FD = 3  # the helper's end of the socket pair for background jobs
-URGENT_FD = 4  # and of the one for jobs a client waits for (the commit's fsync)
-URGENT_THREADS = 4
 
 
 class DiskProcessLost(OSError):
     """The helper process ended with this job in flight: its outcome is unknown."""
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def urgent(f: F) -> F:
-    """Mark a job a client is waiting for (the commit before its 250): it goes through a
-    socket and threads of its own, never queued behind Maildir copies."""
-    f.urgent = True  # type: ignore[attr-defined]
-    return f
-
-
-def idempotent(f: F) -> F:
-    """Mark a job that may simply run again (an fsync, an unlink): if the helper dies with
-    it in flight, it is run again on a thread instead of failing."""
-    f.idempotent = True  # type: ignore[attr-defined]
-    return f
 
 
 def child_environment() -> dict[str, str]:
@@ -146,7 +123,7 @@ class DiskProcess(Service):
         try:
             self.reactor.spawnProcess(
                 process, self.executable,
-                [self.executable, "-m", "mailplat.diskprocess"], env=child_environment(),
+                [self.executable, "-m", "mailplat.diskhelper"], env=child_environment(),
                 childFDs={0: "w", 1: "r", 2: "r", CHANNEL_FD: theirs.fileno(),
                           URGENT_FD: urgent_theirs.fileno()},
             )
@@ -326,52 +303,3 @@ class _HelperProcess(ProcessProtocol):
             self.owner.helper_ended(self, reason)
         finally:
             self.ended.callback(None)
-
-
-# The helper process ------------------------------------------------------------------------
-
-
-def answer(job: int, f: Callable[..., Any], args: tuple[Any, ...]) -> bytes:
-    """One job run: ``(job, True, result)`` or ``(job, False, exception)``, pickled."""
-    try:
-        outcome: tuple[int, bool, Any] = (job, True, f(*args))
-    except BaseException as e:
-        outcome = (job, False, e)
-    try:
-        return pickle.dumps(outcome, pickle.HIGHEST_PROTOCOL)
-    except Exception as e:  # an unpicklable result or exception: its text still comes back
-        return pickle.dumps((job, False, OSError(f"{type(e).__name__}: {e}")),
-                            pickle.HIGHEST_PROTOCOL)
-
-
-def serve(sock: socket.socket, threads: int = THREADS) -> None:
-    """Run jobs from ``sock`` on ``threads`` threads until the daemon's end stops sending."""
-    for thread in start_workers(sock, threads):
-        thread.join()
-
-
-def start_workers(sock: socket.socket, threads: int, name: str = "disk") -> list[threading.Thread]:
-    """Threads that each take a job from ``sock``, run it and send its answer back."""
-
-    def work() -> None:
-        buffer = bytearray(MAX_PACKET)
-        view = memoryview(buffer)
-        for _ in iter(int, 1):  # until the end of input
-            size = sock.recv_into(buffer)
-            if size == 0:
-                return
-            job, f, args = pickle.loads(view[:size])
-            sock.sendall(answer(job, f, args))
-
-    workers = [threading.Thread(target=work, name=f"{name}-{n}") for n in range(threads)]
-    for thread in workers:
-        thread.start()
-    return workers
-
-
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon says when to stop (end of input)
-    place_helper()  # off the reactor's CPU, near the disk's interrupts
-    for worker in [*start_workers(socket.socket(fileno=CHANNEL_FD), THREADS),
-                   *start_workers(socket.socket(fileno=URGENT_FD), URGENT_THREADS, "urgent")]:
-        worker.join()

@@ -8,35 +8,16 @@ makes its own rename durable (a round already running may have missed it).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-# The thread runner lives in mailplat.workers; these names stay importable from here.
+# The fsync calls live in mailplat.fsyncs (no Twisted, for the disk helper), the thread
+# runner in mailplat.workers.
+from mailplat.fsyncs import fsync_dirs
 from mailplat.workers import RunInThread, thread_runner
-
-
-def fsync_dir(path: str) -> None:
-    """Make the entries (creations, renames, unlinks) of one directory durable."""
-    fsync_path(path, os.O_DIRECTORY)
-
-
-def fsync_path(path: str, flags: int = 0) -> None:
-    """fsync by path: what another descriptor (or process) wrote becomes durable too."""
-    fd = os.open(path, os.O_RDONLY | flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dirs(paths: Iterable[str]) -> None:
-    """fsync each directory once."""
-    for path in paths:
-        fsync_dir(path)
 
 
 class GroupSyncer:
@@ -80,4 +61,4 @@ class GroupSyncer:
 
 
 
-__all__ = ["GroupSyncer", "RunInThread", "fsync_dir", "fsync_dirs", "thread_runner"]
+__all__ = ["GroupSyncer", "RunInThread", "thread_runner"]

@@ -6,7 +6,8 @@ keep that rename ahead of the queue's later unlink of its copy (``mailplat.durab
 crash never loses a delivered message. Further recipients of the same message get a hard link to the file already
 delivered, so a message to a thousand local users is written once.
 
-Everything here blocks; ``MaildirAgent`` runs it in a thread.
+Everything here blocks; ``MaildirAgent`` runs it in the disk helper (or a thread). The
+module imports no Twisted at load time, so that the helper stays small (diskhelper.py).
 """
 
 from __future__ import annotations
@@ -16,17 +17,21 @@ import itertools
 import os
 import threading
 import time
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from mailplat.addheaders import encode
 from mailplat.durability import AUTO, needs_directory_sync
 from mailplat.envelope import Envelope, Recipient
-from mailplat.groupsync import RunInThread, fsync_dir, thread_runner
+from mailplat.fsyncs import fsync_dir
 from mailplat.interfaces import IDeliveryAgent, IStoredMessage, Route
 from mailplat.replies import Reply
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from mailplat.workers import RunInThread
 
 CHUNK = 1 << 20  # large copies: few syscalls per message
 DELIVERED = Reply(250, "2.0.0", "delivered to maildir")
@@ -273,7 +278,11 @@ class MaildirAgent:
         self.hostname = hostname
         self.reactor = reactor
         self.sync_directories = sync_directories  # [queue] sync_directories
-        self._run = runInThread or thread_runner(reactor, pool="delivery")
+        if runInThread is None:
+            from mailplat.workers import thread_runner  # Twisted: only where an agent runs
+
+            runInThread = thread_runner(reactor, pool="delivery")
+        self._run = runInThread
 
     def deliver(
         self, message: IStoredMessage, recipients: list[tuple[Recipient, Route]]

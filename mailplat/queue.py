@@ -18,28 +18,27 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import IO, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from mailplat import dsn
-from mailplat.addheaders import prefixed
 from mailplat.concurrency import ConcurrencyLimits, Limiter
 from mailplat.datafiles import DataFilePool
 from mailplat.envelope import BOUNCED, DELIVERED, HELD, PENDING, Envelope, Recipient
 from mailplat.envelope import DEFERRED as RCPT_DEFERRED
-from mailplat.interfaces import IDeliveryAgent, IRouter, IStoredMessage, Route
+from mailplat.interfaces import IDeliveryAgent, IRouter, Route
 from mailplat.queuecommands import QueueCommands
+from mailplat.queuefiles import StoredMessage  # defined there for the disk helper's sake
 from mailplat.queuenotices import QueueNotices, owes_notice
 from mailplat.dispatch import NO_AGENT, call_agent, route_address
 from mailplat.replies import Reply
 from mailplat.schedule import DueQueue, RetrySchedule
-from mailplat.store import (ACTIVE, DEFERRED, HOLD, INCOMING, QueueStore, open_data, recycle_files,
+from mailplat.store import (ACTIVE, DEFERRED, HOLD, INCOMING, QueueStore, recycle_files,
                             remove_files)
 from mailplat.workers import Batcher
 
@@ -70,23 +69,6 @@ class Outcome(NamedTuple):
 
 
 Outcomes = dict[int, Outcome]
-
-
-@implementer(IStoredMessage)
-class StoredMessage:
-    """A queued message as agents see it: its envelope and a way to read its bytes."""
-
-    def __init__(self, envelope: Envelope, path: str) -> None:
-        self.envelope = envelope
-        # Not in IStoredMessage: the data file, without envelope.add_headers and followed by
-        # the committed envelope, so an agent may sendfile its first envelope.data_length
-        # bytes only when add_headers is empty.
-        self.path = path
-
-    def open(self) -> IO[bytes]:
-        """The message as delivered: fields added by hooks, then the stored bytes."""
-        envelope = self.envelope
-        return prefixed(envelope.add_headers, open_data(self.path, envelope.data_length))
 
 
 def next_due(envelope: Envelope) -> float | None:

@@ -20,9 +20,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailplat.datafiles import DataFilePool
-from mailplat.diskprocess import idempotent, urgent
 from mailplat.envelope import Envelope, SessionInfo, Transaction
-from mailplat.groupsync import GroupSyncer, RunInThread, fsync_dirs, fsync_path, thread_runner
+from mailplat.fsyncs import fsync_dirs, sync_file
+from mailplat.groupsync import GroupSyncer, RunInThread, thread_runner
 from mailplat.interfaces import IIncomingMessage, IMessageSink, SpoolError
 from mailplat.replies import LOCAL_ERROR, SPOOL_FULL, Reply
 from mailplat.store import QueueStore, envelope_trailer, is_disk_full
@@ -254,15 +254,6 @@ def _store_files(data: IO[bytes], envelope: Envelope, dirs: list[str]) -> None:
     """Blocking: the data and its trailer made durable, then (when given) the directory."""
     data.write(envelope_trailer(envelope))
     _fsync_and_close(data)
-    fsync_dirs(dirs)
-
-
-@urgent
-@idempotent
-def sync_file(path: str, dirs: list[str]) -> None:
-    """Blocking: fsync a file written and closed by another (the reactor, in the daemon's
-    process: fsync makes an inode's data durable whoever wrote it), then the directories."""
-    fsync_path(path)
     fsync_dirs(dirs)
 
 

@@ -19,7 +19,6 @@ queue with tens of thousands of deferred messages stays cheap.
 from __future__ import annotations
 
 import errno
-import io
 import itertools
 import os
 import threading
@@ -29,10 +28,12 @@ from typing import IO, Any, TypeVar
 
 from twisted.internet.defer import Deferred
 
-from mailplat.diskprocess import idempotent
 from mailplat.durability import AUTO, needs_directory_sync
 from mailplat.envelope import Envelope
-from mailplat.groupsync import GroupSyncer, RunInThread, fsync_dir, thread_runner
+from mailplat.fsyncs import fsync_dir
+from mailplat.groupsync import GroupSyncer, RunInThread, thread_runner
+# Re-exported: these run in the disk helper, which must not import this module (Twisted).
+from mailplat.queuefiles import open_data, recycle_files, remove_files, unlink_quietly
 
 INCOMING = "incoming"
 ACTIVE = "active"
@@ -75,48 +76,6 @@ def read_trailer(path: str) -> Envelope | None:
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
     return envelope if envelope.data_length == start else None
-
-
-class _Bounded(io.RawIOBase):
-    """The first ``length`` bytes of a file: the message without its trailer."""
-
-    def __init__(self, raw: IO[bytes], length: int) -> None:
-        self._raw = raw
-        self._left = length
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        count = min(len(buffer), self._left)
-        if count <= 0:
-            return 0
-        got = self._raw.readinto(memoryview(buffer).cast("B")[:count])  # type: ignore[attr-defined]
-        self._left -= got or 0
-        return got or 0
-
-    def fileno(self) -> int:
-        return self._raw.fileno()
-
-    def tell(self) -> int:
-        return self._raw.tell()
-
-    def close(self) -> None:
-        if not self.closed:
-            self._raw.close()
-        super().close()
-
-
-def open_data(path: str, length: int | None) -> IO[bytes]:
-    """Read a message's stored bytes: ``length`` of them (None: the whole file)."""
-    if length is None:
-        return open(path, "rb")
-    raw = open(path, "rb", buffering=0)
-    try:
-        return io.BufferedReader(_Bounded(raw, length), 1 << 16)
-    except BaseException:
-        raw.close()
-        raise
 
 
 class _QueueIds:
@@ -211,7 +170,7 @@ class QueueStore:
                 os.close(fd)
             os.rename(tmp, self.envelope_path(envelope.queue_id, state))
         except BaseException:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise
 
     def move(self, qid: str, src: str, dst: str) -> None:
@@ -278,7 +237,7 @@ class QueueStore:
 
     def discard_data(self, qid: str) -> None:
         """Delete a data file that never got an envelope (and never will)."""
-        _unlink_quietly(self.data_path(qid))
+        unlink_quietly(self.data_path(qid))
 
     def list_ids(self, state: str) -> list[str]:
         """Queue ids in ``state``, oldest first (incoming: unfiled messages too)."""
@@ -304,7 +263,7 @@ class QueueStore:
         path = self.envelope_path(qid, INCOMING)
         if _parses(path):
             return True
-        _unlink_quietly(path)
+        unlink_quietly(path)
         return self._rebuild(qid)
 
     def _rebuild(self, qid: str) -> bool:
@@ -328,7 +287,7 @@ class QueueStore:
         one.
         """
         for name in os.listdir(self.tmp_dir):
-            _unlink_quietly(os.path.join(self.tmp_dir, name))
+            unlink_quietly(os.path.join(self.tmp_dir, name))
         found: dict[str, list[str]] = {}
         seen: dict[str, str] = {}
         for state in STATES:
@@ -337,7 +296,7 @@ class QueueStore:
                 found[state] = [qid for qid in found[state] if self._intact_or_rebuilt(qid)]
             for qid in found[state]:
                 if qid in seen:
-                    _unlink_quietly(self.envelope_path(qid, seen[qid]))
+                    unlink_quietly(self.envelope_path(qid, seen[qid]))
                     found[seen[qid]].remove(qid)
                 seen[qid] = state
         for name in sorted(os.listdir(self.data_dir)):
@@ -346,7 +305,7 @@ class QueueStore:
             if self._rebuild(name):
                 found[INCOMING].append(name)
             else:
-                _unlink_quietly(self.data_path(name))
+                unlink_quietly(self.data_path(name))
         return found
 
 
@@ -356,62 +315,6 @@ def _parses(path: str) -> bool:
             Envelope.from_json(f.read())
         return True
     except (ValueError, TypeError, KeyError, AttributeError):
-        return False
-
-
-@idempotent
-def remove_files(expected: str | None, envelopes: list[str], data: str) -> None:
-    """Blocking: unlink the envelope where expected (or, not there, wherever it is among
-    ``envelopes``), then the data file; what is already gone is no error."""
-    _remove_envelope(expected, envelopes)
-    _unlink_quietly(data)
-
-
-@idempotent
-def recycle_files(expected: str | None, envelopes: list[str], data: str, spare: str) -> bool:
-    """Blocking: ``remove_files``, except that the data file is emptied and renamed to
-    ``spare`` (the data path of a new queue id) for a message still to come, instead of
-    unlinked; whether ``spare`` now exists, empty. Why: a freed inode is costly to the next
-    file created (see datafiles.py); an emptied file in the pool has no trailer, so recovery
-    deletes it like any data file that was never committed."""
-    _remove_envelope(expected, envelopes)
-    try:
-        _empty(data)
-    except FileNotFoundError:
-        return os.path.exists(spare)  # run a second time (its helper died): already done
-    try:
-        os.rename(data, spare)
-        return True
-    except OSError:
-        _unlink_quietly(data)
-        return False
-
-
-def _empty(path: str) -> None:
-    """Truncate through a descriptor of our own, not by path: ext4 marks a file truncated to
-    zero for a flush at its next close (auto_da_alloc), and this close takes the mark here,
-    where it costs nothing. By path, the mark waited for the reactor's close after the next
-    message was written, and cost it about 25 microseconds of writeback per message."""
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)
-
-
-def _remove_envelope(expected: str | None, envelopes: list[str]) -> None:
-    if expected is None or not _unlink_quietly(expected):
-        for path in envelopes:
-            _unlink_quietly(path)
-
-
-def _unlink_quietly(path: str) -> bool:
-    """Remove a file that may be gone (False then); ENOTDIR too means no file can be there
-    (its directory was replaced by a file), and must not stop the caller from removing the rest."""
-    try:
-        os.unlink(path)
-        return True
-    except (FileNotFoundError, NotADirectoryError):
         return False
 
 
@@ -428,6 +331,8 @@ def is_disk_full(error: BaseException | None) -> bool:
 
 __all__ = [
     "ACTIVE",
+    "recycle_files",
+    "remove_files",
     "envelope_trailer",
     "open_data",
     "read_trailer",

@@ -18,6 +18,10 @@ from typing import Any, TypeVar
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+# The Batcher's hop runs in the disk helper, which imports no Twisted: its failures come back
+# as plain exceptions (Failed) and become Failures here.
+from mailplat.diskhelper import Failed, run_batch
+
 T = TypeVar("T")
 
 # runInThread(f, *args) -> Deferred firing with f(*args) computed off the reactor thread.
@@ -173,7 +177,7 @@ class Batcher:
         jobs, self._jobs = self._jobs, []
         self._running = True
         self.batches += 1
-        d = self._run(_run_jobs, [(f, args) for f, args, _ in jobs])
+        d = self._run(run_batch, [(f, args) for f, args, _ in jobs])
         d.addBoth(self._batch_done, [waiter for _, _, waiter in jobs])
 
     def _batch_done(self, results: Any, waiters: list[Deferred[Any]]) -> None:
@@ -181,14 +185,9 @@ class Batcher:
         for index, waiter in enumerate(waiters):
             if isinstance(results, Failure):
                 waiter.errback(results)
-            elif isinstance(results[index], _Raised):
-                waiter.errback(results[index].failure)
+            elif isinstance(results[index], Failed):
+                waiter.errback(Failure(results[index].error))
             else:
                 waiter.callback(results[index])
         if self._jobs and not self._running and self._timer is None:
             self._start_batch()  # they have waited for a whole batch already
-
-
-def _run_jobs(jobs: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> list[Any]:
-    """Blocking: each job's result, or its failure; one failing job does not stop the rest."""
-    return [_capture(f, args) for f, args in jobs]

@@ -16,10 +16,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from mailplat import diskprocess
-from mailplat.diskprocess import (THREADS, DiskProcess, DiskProcessLost, answer, idempotent,
-                                   serve, urgent)
-from mailplat.spool import sync_file
+from mailplat import diskhelper, diskprocess
+from mailplat.diskhelper import THREADS, answer, idempotent, serve, urgent
+from mailplat.diskprocess import DiskProcess, DiskProcessLost
+from mailplat.fsyncs import sync_file
 from mailplat.store import recycle_files
 
 
@@ -236,7 +236,7 @@ class ServeTests(SynchronousTestCase):
         self.addCleanup(ours.close)
         self.addCleanup(theirs.close)
         channel = diskprocess._Channel(ours, reactor)
-        self.assertIsNone(channel.send(process_id, (b"x" * (diskprocess.MAX_PACKET + 1),)))
+        self.assertIsNone(channel.send(process_id, (b"x" * (diskhelper.MAX_PACKET + 1),)))
         self.assertEqual(channel.pending, {})
 
 
