@@ -14,13 +14,13 @@ or writer thread in between), and the reactor pays one ``send`` per job. Jobs a 
 for (``urgent``: the commit's fsync before its 250) have a socket and four threads of their
 own, so that they never queue behind the Maildir copies on the other eight.
 
-The helper's own end is ``diskhelper.py``, which imports no Twisted. The helper starts after twistd drops privileges (``startService``), so it runs as the
-daemon's user. If it dies, a job in flight that may simply run again (``idempotent``: the
-commit's fsync, unlinks, file creation) runs again on a thread; any other (a Maildir copy)
-fails with ``DiskProcessLost``, an OSError, and the queue retries it; another helper is
-started. While none is up (before start, after stop, between a death and the restart) jobs
-run on threads here, as do jobs whose arguments do not pickle or are too large for one
-packet.
+The helper's own end is ``diskhelper.py``, which imports no Twisted. The helper starts after
+twistd drops privileges (``startService``), so it runs as the daemon's user. If it dies, a
+job in flight that may simply run again (``idempotent``: the commit's fsync, unlinks, file
+creation) runs again on a thread; any other (a Maildir copy) fails with ``DiskProcessLost``,
+an OSError, and the queue retries it; another helper is started. While none is up (before
+start, after stop, between a death and the restart) jobs run on threads here, as do jobs
+whose arguments do not pickle or are too large for one packet.
 """
 
 from __future__ import annotations
