@@ -29,10 +29,10 @@ from mailplat.configvalues import (
 # Re-exported: other modules reach these through the config module.
 from mailplat.configvalues import parse_duration as parse_duration
 from mailplat.configvalues import parse_size as parse_size
-from mailplat.cpuplacement import MODES
 from mailplat.configvalues import PROFILES as PROFILES
 from mailplat.configvalues import client_endpoint_problem as client_endpoint_problem
 from mailplat.configvalues import endpoint_problem as endpoint_problem
+from mailplat.cpuplacement import MODES
 from mailplat.routing import POSTMASTER
 from mailplat.schedule import RetrySchedule
 
