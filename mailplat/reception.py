@@ -8,8 +8,6 @@ before it hears the verdict (RFC 5321 §4.1.1.4).
 
 from __future__ import annotations
 
-from zope.interface import implementer
-
 from mailplat.datadecoder import LineChecker
 from mailplat.headers import HeaderScanner
 from mailplat.interfaces import IIncomingMessage, SpoolError

@@ -19,7 +19,7 @@ from mailplat.relay_agent import RelayAgent
 from mailplat.routeconfig import OutboundSettings
 from mailplat.relay_session import TLSSettings
 from tests.dns_support import MX, A, DictAuthority
-from tests.relay_support import TestCA, receivers_on_one_port
+from tests.relay_support import TestCA
 from tests.test_relay_agent import AgentTestCase
 
 POLICY = "version: STSv1\r\nmode: enforce\r\nmx: mx2.example.org\r\nmax_age: 86400\r\n"

@@ -256,6 +256,7 @@ class TurnaroundTests(SynchronousTestCase):
         self.assertEqual(self.client.site(b"250 2.0.0 queued\r\n"), [b"QUIT"])
         self.client.site(b"221 bye\r\n")
         self.assertFalse(self.provider.store.state_of(one.queue_id))
+        self.assertIsNotNone(self.provider.store.state_of(two.queue_id))  # c@ still waits
         self.assertEqual(self.provider.held(), {"b@site2.example": "delivered",
                                                 "c@site3.example": HELD})
         self.assertFalse(self.provider.agent.locked("site1.example"))
