@@ -15,10 +15,10 @@ it keeps its main thread (and the threads it starts) to one of the others, and t
 helper to every CPU but that one. The two must not share a CPU: left to the kernel, a helper
 thread woken by the reactor's job is often put on the waker's CPU and waits there for the
 reactor, or delays it (keeping the helper off the reactor's CPU made one session's mail
-0–13 % faster and eight sessions' 7–33 %, "Fifth round"). The helper issues the I/O and is
-woken by its completion, so the interrupt's CPU suits it. Anything not found (no sysfs, a
-device-mapper or network filesystem, an NVMe disk with a queue per CPU) leaves the placement
-to the kernel. The interrupts' placement is read once, at start.
+0–13 % faster and eight sessions' 7–33 %, docs/performance.rst, "Sixth round"). The helper
+issues the I/O and is woken by its completion, so the interrupt's CPU suits it. Anything not found
+(no sysfs, a device-mapper or network filesystem, an NVMe disk with a queue per CPU) leaves
+the placement to the kernel. The interrupts' placement is read once, at start.
 """
 
 from __future__ import annotations

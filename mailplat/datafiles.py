@@ -9,7 +9,7 @@ disk helper process, else a thread), empty and closed; the reactor opens one wit
 message after a quiet spell) it creates one in place as before.
 
 Files also come back from the queue: a delivered message's data file is emptied and renamed
-to a new queue id (``store.recycle_files``) instead of unlinked, while mail keeps coming and
+to a new queue id (``queuefiles.recycle_files``) instead of unlinked, while mail keeps coming and
 the pool has room. Why: ext4 (without a journal, as on our benchmark machine) will not reuse an
 inode freed in the last minutes and walks past each such inode, reading its inode table block,
 for every file it creates; with a thousand messages a second that walk grew to a sixth of the

@@ -33,13 +33,13 @@ from mailplat.envelope import BOUNCED, DELIVERED, HELD, PENDING, Envelope, Recip
 from mailplat.envelope import DEFERRED as RCPT_DEFERRED
 from mailplat.interfaces import IDeliveryAgent, IRouter, Route
 from mailplat.queuecommands import QueueCommands
-from mailplat.queuefiles import StoredMessage  # defined there for the disk helper's sake
+# Defined there, without Twisted, for the disk helper's sake.
+from mailplat.queuefiles import StoredMessage, recycle_files, remove_files
 from mailplat.queuenotices import QueueNotices, owes_notice
 from mailplat.dispatch import NO_AGENT, call_agent, route_address
 from mailplat.replies import Reply
 from mailplat.schedule import DueQueue, RetrySchedule
-from mailplat.store import (ACTIVE, DEFERRED, HOLD, INCOMING, QueueStore, recycle_files,
-                            remove_files)
+from mailplat.store import ACTIVE, DEFERRED, HOLD, INCOMING, QueueStore
 from mailplat.workers import Batcher
 
 log = Logger()
@@ -47,7 +47,7 @@ log = Logger()
 WAITING = (PENDING, RCPT_DEFERRED, HELD)
 # How long the daemon lets a delivered message's removal wait for others to share its hop to
 # the disk helper: with mail arriving one message at a time (a lone session), each removal
-# would otherwise pay a hop of its own (docs/performance.rst, "Fifth round"). Nobody waits
+# would otherwise pay a hop of its own (docs/performance.rst, "Sixth round"). Nobody waits
 # for a removal; a crash before it only means the message is delivered again.
 REMOVAL_GATHER = 0.005
 

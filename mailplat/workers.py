@@ -158,10 +158,10 @@ class Batcher:
         self._jobs.append((f, args, waiter))
         if self._running:
             return waiter
-        if self._timer is None and self._gather > 0 and len(self._jobs) < self._most:
-            self._timer = self._reactor.callLater(self._gather, self._start_batch)
-        elif self._timer is None or len(self._jobs) >= self._most:
+        if not self._gather or len(self._jobs) >= self._most:
             self._start_batch()
+        elif self._timer is None:
+            self._timer = self._reactor.callLater(self._gather, self._start_batch)
         return waiter
 
     def flush(self) -> None:
@@ -189,5 +189,5 @@ class Batcher:
                 waiter.errback(Failure(results[index].error))
             else:
                 waiter.callback(results[index])
-        if self._jobs and not self._running and self._timer is None:
+        if self._jobs and not self._running:
             self._start_batch()  # they have waited for a whole batch already
