@@ -40,7 +40,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-# The helper's end, and the job markers that modules of job functions import from there.
+# The helper's own end (diskhelper.py, no Twisted): its descriptors and largest packet.
 from mailplat.diskhelper import CHANNEL_FD, MAX_PACKET, URGENT_FD
 from mailplat.workers import RunInThread, thread_runner
 

@@ -32,7 +32,7 @@ from mailplat.durability import AUTO, needs_directory_sync
 from mailplat.envelope import Envelope
 from mailplat.fsyncs import fsync_dir
 from mailplat.groupsync import GroupSyncer, RunInThread, thread_runner
-# Re-exported: these run in the disk helper, which must not import this module (Twisted).
+# Defined in queuefiles (no Twisted) for the disk helper's sake; used and re-exported here.
 from mailplat.queuefiles import open_data, recycle_files, remove_files, unlink_quietly
 
 INCOMING = "incoming"
