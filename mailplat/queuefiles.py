@@ -150,7 +150,4 @@ def create_files(paths: list[str]) -> int:
 def unlink_files(paths: list[str]) -> None:
     """Blocking: delete files that were never used (already gone is fine)."""
     for path in paths:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        unlink_quietly(path)

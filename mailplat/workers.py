@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-# The Batcher's hop runs in the disk helper, which imports no Twisted: its failures come back
-# as plain exceptions (Failed) and become Failures here.
+# A job's exception travels as a plain exception (Failed), since the Batcher's hop runs in the
+# disk helper, which imports no Twisted; it becomes a Failure in the reactor's thread.
 from mailplat.diskhelper import Failed, run_batch
 
 T = TypeVar("T")
@@ -107,21 +107,17 @@ def thread_runner(reactor: Any = None, pool: str = "spool") -> RunInThread:
 
 
 def _capture(f: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-    """Runs in the worker: an exception becomes a Failure here, where its traceback is."""
+    """Runs in the worker: the result, or ``Failed`` with the exception (which keeps its
+    traceback for the Failure made of it in the reactor's thread)."""
     try:
         return f(*args)
-    except BaseException:
-        return _Raised(Failure())
-
-
-class _Raised:
-    def __init__(self, failure: Failure) -> None:
-        self.failure = failure
+    except BaseException as e:
+        return Failed(e)
 
 
 def _fire(d: Deferred[Any], result: Any) -> None:
-    if isinstance(result, _Raised):
-        d.errback(result.failure)
+    if isinstance(result, Failed):
+        d.errback(Failure(result.error))
     else:
         d.callback(result)
 
